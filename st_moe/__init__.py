@@ -1,0 +1,43 @@
+"""st-moe: ST-MoE (Zoph et al. 2022, arXiv 2202.08906) in Mesh TensorFlow.
+
+Importing this package (as `t5_mesh_transformer --module_import=st_moe` does) registers:
+  * the project's gin folder on gin's search path, so `--gin_file=st_moe_32b.gin` resolves by name;
+  * the gin-configurable layers and helpers of `st_moe`;
+  * the SeqIO tasks of `st_moe.tasks`.
+"""
+import os
+
+import gin
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def gin_dir():
+  """The folder holding the project's gin files.
+
+  Installed with `pip install .`, gin/ is copied into the package as `st_moe/gin`; in a source
+  checkout (or an editable install) it is the repository's top-level `gin/`.
+  """
+  installed = os.path.join(_PACKAGE_DIR, "gin")
+  if os.path.isdir(installed):
+    return installed
+  return os.path.join(os.path.dirname(_PACKAGE_DIR), "gin")
+
+
+def gin_search_paths():
+  """gin_dir() and each of its subfolders (models/, layouts/, runs/): bare names resolve."""
+  root = gin_dir()
+  paths = [root]
+  for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+    sub = os.path.join(root, name)
+    if os.path.isdir(sub):
+      paths.append(sub)
+  return paths
+
+
+def register_gin_search_paths():
+  for path in gin_search_paths():
+    gin.add_config_file_search_path(path)
+
+
+register_gin_search_paths()

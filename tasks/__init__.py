@@ -1,0 +1,1 @@
+"""SeqIO tasks of st-moe (installed as `st_moe.tasks`)."""
