@@ -27,7 +27,8 @@ check-python:
 $(VENV)/.lock-installed: requirements.lock | check-python
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock
+	set -o pipefail; $(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock 2>&1 \
+	  | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 	touch $@
 
 $(VENV)/.project-installed: $(VENV)/.lock-installed setup.py pyproject.toml

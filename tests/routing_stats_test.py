@@ -1,0 +1,95 @@
+"""Tests of st_moe.routing_stats on hand-made routing decisions."""
+import math
+
+from absl.testing import absltest
+import numpy as np
+
+from st_moe import routing_stats as rs
+
+
+class TokenClassTest(absltest.TestCase):
+
+  def test_classes_of_typical_pieces(self):
+    cases = {
+        "<extra_id_3>": rs.SENTINEL,
+        ",": rs.PUNCTUATION,
+        "\u2581(": rs.PUNCTUATION,
+        "\u25811999": rs.NUMBER,
+        "3.14": rs.NUMBER,
+        "\u2581the": rs.FUNCTION_WORD,
+        "\u2581and": rs.FUNCTION_WORD,
+        "\u2581Python": rs.CAPITALIZED,
+        "\u2581The": rs.FUNCTION_WORD,
+        "ing": rs.OTHER,
+        "\u2581module": rs.OTHER,
+        "\u2581": rs.OTHER,
+        "a2b": rs.OTHER,
+    }
+    for piece, expected in cases.items():
+      self.assertEqual(rs.token_class(piece), expected, piece)
+
+  def test_sentinel_flag_wins(self):
+    self.assertEqual(rs.token_class("\u2581the", is_sentinel=True), rs.SENTINEL)
+
+  def test_word_piece_that_spells_a_function_word_mid_word_is_not_one(self):
+    # "in" inside "Begin" (piece "in" without the word-start mark) is lower case: counts as the word.
+    # An upper-case continuation piece is not a function word.
+    self.assertEqual(rs.token_class("IN"), rs.CAPITALIZED)
+
+
+class StatsTest(absltest.TestCase):
+
+  def test_entropy_bounds(self):
+    e = 4
+    uniform = np.full((3, e), 1.0 / e)
+    certain = np.eye(e)[:3]
+    self.assertAlmostEqual(rs.mean_router_entropy(uniform), math.log(e), places=12)
+    self.assertAlmostEqual(rs.mean_router_entropy(certain), 0.0, places=12)
+    mixed = np.array([[0.5, 0.5, 0.0, 0.0]])
+    self.assertAlmostEqual(rs.mean_router_entropy(mixed), math.log(2), places=12)
+    self.assertAlmostEqual(rs.uniform_entropy(32), 3.4657, places=4)
+
+  def test_entropy_rejects_empty(self):
+    with self.assertRaisesRegex(ValueError, "router_probs"):
+      rs.mean_router_entropy(np.zeros((0, 4)))
+
+  def test_load_and_load_entropy(self):
+    top1 = np.array([0, 0, 1, 3])
+    np.testing.assert_allclose(rs.expert_load(top1, 4), [0.5, 0.25, 0.0, 0.25])
+    expected = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
+    self.assertAlmostEqual(rs.load_entropy(top1, 4), expected, places=12)
+
+  def test_dropped_fraction_counts_tokens_with_no_kept_choice(self):
+    kept = np.array([[True, False], [False, False], [False, True], [True, True]])
+    self.assertAlmostEqual(rs.dropped_fraction(kept), 0.25)
+    self.assertAlmostEqual(rs.dropped_fraction(np.array([True, False])), 0.5)
+
+  def test_class_counts_shares_and_base_rates(self):
+    top1 = np.array([0, 0, 1, 1, 1, 2])
+    classes = np.array([0, 1, 1, 1, 5, 5])
+    counts = rs.class_counts(top1, classes, num_experts=4)
+    self.assertEqual(counts.shape, (4, len(rs.TOKEN_CLASSES)))
+    self.assertEqual(counts.sum(), 6)
+    shares = rs.class_shares(counts)
+    np.testing.assert_allclose(shares[:3].sum(axis=1), 1.0)
+    np.testing.assert_allclose(shares[3], 0.0)  # idle expert
+    np.testing.assert_allclose(shares[1], [0, 2 / 3, 0, 0, 0, 1 / 3])
+    np.testing.assert_allclose(rs.base_rates(classes), [1 / 6, 1 / 2, 0, 0, 0, 1 / 3])
+
+  def test_specialized_experts(self):
+    # 100 tokens: 10% sentinels overall; expert 0 takes 9 sentinels of its 10 tokens.
+    top1 = np.array([0] * 10 + [1] * 90)
+    classes = np.array([0] * 9 + [5] + [0] * 1 + [5] * 89)
+    found = rs.specialized_experts(rs.class_counts(top1, classes, 2))
+    self.assertEqual([(e, name) for e, name, _, _ in found], [(0, rs.SENTINEL)])
+    self.assertAlmostEqual(found[0][2], 0.9)
+    self.assertAlmostEqual(found[0][3], 0.1)
+
+  def test_top_tokens(self):
+    top1 = np.array([0, 0, 0, 1])
+    pieces = ["a", "b", "a", "c"]
+    self.assertEqual(rs.top_tokens(top1, pieces, 3, n=2), [[("a", 2), ("b", 1)], [("c", 1)], []])
+
+
+if __name__ == "__main__":
+  absltest.main()
