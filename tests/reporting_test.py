@@ -1,0 +1,51 @@
+"""Tests of st_moe.reporting: tables, event-file reading, PNG output."""
+import os
+import tempfile
+
+from absl.testing import absltest
+import numpy as np
+import tensorflow as tf
+
+from st_moe import reporting
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class ReportingTest(absltest.TestCase):
+
+  def test_markdown_table(self):
+    text = reporting.markdown_table(["model", "loss"], [["a|b", 1.23456], ["c", None]])
+    self.assertEqual(text, "| model | loss |\n|---|---|\n| a\\|b | 1.235 |\n| c |  |\n")
+    with self.assertRaisesRegex(ValueError, "1 cells for 2 headers"):
+      reporting.markdown_table(["a", "b"], [[1]])
+
+  def test_read_scalars_reads_tf2_summaries_last_value_wins(self):
+    with tempfile.TemporaryDirectory() as d:
+      writer = tf.summary.create_file_writer(d)
+      with writer.as_default():
+        for step, v in [(1, 3.0), (2, 2.5), (2, 2.0), (5, 1.0)]:
+          tf.summary.scalar("loss", v, step=step)
+        tf.summary.scalar("other", 7.0, step=1)
+      writer.flush()
+      got = reporting.read_scalars(d, tags={"loss"})
+    self.assertEqual(set(got), {"loss"})
+    steps, values = got["loss"]
+    np.testing.assert_array_equal(steps, [1, 2, 5])
+    np.testing.assert_allclose(values, [3.0, 2.0, 1.0])
+
+  def test_pngs_are_written(self):
+    with tempfile.TemporaryDirectory() as d:
+      curve = reporting.plot_curves({"a": ([0, 1, 2], [3.0, 2.0, float("nan")])},
+                                    os.path.join(d, "sub", "c.png"), "t")
+      heat = reporting.plot_heatmap(np.eye(3), ["e0", "e1", "e2"], ["x", "y", "z"],
+                                    os.path.join(d, "h.png"), "t")
+      for path in (curve, heat):
+        with open(path, "rb") as f:
+          self.assertEqual(f.read(8), PNG_MAGIC)
+        self.assertGreater(os.path.getsize(path), 1000)
+      with self.assertRaisesRegex(ValueError, "does not match"):
+        reporting.plot_heatmap(np.eye(3), ["a"], ["x"], os.path.join(d, "bad.png"), "t")
+
+
+if __name__ == "__main__":
+  absltest.main()
