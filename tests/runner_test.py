@@ -1,0 +1,95 @@
+"""Tests of st_moe.runner: output parsing, progress, divergence stop, and a real CPU run."""
+import math
+import os
+import tempfile
+
+from absl.testing import absltest
+
+from st_moe import divergence
+from st_moe import runner
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class FakeClock:
+
+  def __init__(self):
+    self.t = 0.0
+
+  def __call__(self):
+    self.t += 0.5
+    return self.t
+
+
+class ProgressParserTest(absltest.TestCase):
+
+  def test_parses_steps_router_metrics_and_throughput(self):
+    p = runner.ProgressParser(tokens_per_step=100, every=2, label="m", clock=FakeClock())
+    shown = []
+    for line in ["noise", "st_moe_router[enc/0][0.5][0.1]", "st_moe_router[dec/0][1.5][0.3]",
+                 "step, tf_loss[4.5][1]", "step, tf_loss[4.0][2]", "I1128 other",
+                 "step, tf_loss[3.5][3]"]:
+      out = p.feed(line)
+      if out:
+        shown.append(out)
+    self.assertEqual(p.steps, [1, 2, 3])
+    self.assertEqual(p.losses, [4.5, 4.0, 3.5])
+    self.assertEqual(p.router["z_loss"], [1.0])
+    self.assertAlmostEqual(p.router["dropped"][0], 0.2)
+    # 2 steps of 100 tokens in 1.0 s of the fake clock (0.5 s per call).
+    self.assertAlmostEqual(p.tokens_per_second(), 200.0)
+    self.assertLen(shown, 2)  # step 1 (first) and step 2 (every=2)
+    self.assertIn("step     1", shown[0])
+    self.assertIn("router z-loss", shown[0])
+    self.assertIn("tokens/s", shown[1])
+
+  def test_divergence_is_reported_once_seen(self):
+    p = runner.ProgressParser(100, monitor=divergence.DivergenceMonitor(), label="m")
+    p.feed("step, tf_loss[4.0][1]")
+    out = p.feed("step, tf_loss[nan][2]")
+    self.assertIn("DIVERGED", out)
+    self.assertEqual(p.diverged.step, 2)
+    self.assertTrue(math.isnan(p.diverged.loss))
+
+  def test_latest_checkpoint_step(self):
+    with tempfile.TemporaryDirectory() as d:
+      self.assertIsNone(runner.latest_checkpoint_step(d))
+      with open(os.path.join(d, "checkpoint"), "w") as f:
+        f.write('model_checkpoint_path: "model.ckpt-12"\nall_model_checkpoint_paths: "model.ckpt-4"\n')
+      self.assertEqual(runner.latest_checkpoint_step(d), 12)
+
+  def test_tokens_per_step(self):
+    self.assertEqual(runner.tokens_per_step(8, {"inputs": 64, "targets": 16}), 640)
+
+
+class RealRunTest(absltest.TestCase):
+
+  def test_trains_through_t5_mesh_transformer_and_reports_progress(self):
+    with tempfile.TemporaryDirectory() as d:
+      env = dict(os.environ, PYTHONPATH=TESTS_DIR)
+      shown = []
+      result = runner.run(
+          d, ["dataset.gin", "models/t5.1.1.tiny.gin", "objectives/span_3_15_u_u.gin"],
+          ["MIXTURE_NAME='st_moe_test_bytes_span_corruption'",
+           "utils.run.train_steps=6", "utils.run.batch_size=('sequences_per_batch', 4)",
+           "utils.run.sequence_length={'inputs': 64, 'targets': 16}",
+           "utils.run.mesh_shape=''", "utils.run.layout_rules=''",
+           "utils.run.save_checkpoints_steps=6", "utils.run.iterations_per_loop=6",
+           "d_model=32", "d_ff=64", "num_heads=2", "d_kv=16",
+           "encoder/make_layer_stack.num_layers=1", "decoder/make_layer_stack.num_layers=1"],
+          tokens_per_step=4 * 80, label="tiny", every=3, module_imports=("testing_tasks",),
+          env=env, show=shown.append, timeout=400)
+      self.assertEqual(result.returncode, 0, open(result.log_path).read()[-3000:])
+      self.assertTrue(result.ok)
+      self.assertEqual(result.steps, [1, 2, 3, 4, 5, 6])
+      self.assertTrue(all(math.isfinite(l) for l in result.losses))
+      self.assertEqual(runner.latest_checkpoint_step(d), 6)
+      self.assertTrue(os.path.exists(os.path.join(d, "operative_config.gin")))
+      self.assertTrue(any("step     3" in s for s in shown), shown)
+      self.assertGreater(result.tokens_per_second, 0)
+      with open(result.log_path) as f:
+        self.assertIn("t5_mesh_transformer", f.readline())
+
+
+if __name__ == "__main__":
+  absltest.main()
