@@ -8,6 +8,7 @@ rule of `st_moe.divergence` as the run goes: a diverged run is killed and report
 Lines parsed from the run's output:
   `step, tf_loss[<loss>][<step>]`            printed by mesh_tensorflow's CPU training loop
   `st_moe_router[<name>][<z_loss>][<dropped>]`  printed by SparseFFN when its `print_metrics` is on
+  `Saving dict for global step <n>: k = v, ...`  the Estimator's evaluation result (perplexity_eval)
 Re-running into the same model_dir resumes from its last checkpoint (the Estimator restores it).
 """
 import dataclasses
@@ -22,6 +23,7 @@ from st_moe import divergence as divergence_lib
 
 STEP_RE = re.compile(r"step, tf_loss\[([^\]]+)\]\[(\d+)\]")
 ROUTER_RE = re.compile(r"st_moe_router\[([^\]]+)\]\[([^\]]+)\]\[([^\]]+)\]")
+EVAL_RE = re.compile(r"Saving dict for global step (\d+): (.*)$")
 
 
 def t5_mesh_transformer_executable():
@@ -184,6 +186,51 @@ def run(model_dir, gin_files, gin_params=(), *, tokens_per_step, label="run", ev
     show(f"[{label}] t5_mesh_transformer exited with {returncode}; last lines of {log_path}:\n"
          + "".join(tail))
   return result
+
+
+def parse_eval_line(line):
+  """(global step, {metric: value}) from the Estimator's 'Saving dict' line, or None."""
+  m = EVAL_RE.search(line)
+  if not m:
+    return None
+  metrics = {}
+  for item in m.group(2).split(", "):
+    key, _, value = item.partition(" = ")
+    try:
+      metrics[key.strip()] = float(value)
+    except ValueError:
+      continue
+  return int(m.group(1)), metrics
+
+
+def eval_results(log_path):
+  """Every evaluation result in a run's log, in order."""
+  found = []
+  with open(log_path) as f:
+    for line in f:
+      parsed = parse_eval_line(line)
+      if parsed:
+        found.append(parsed)
+  return found
+
+
+def steps_and_losses(model_dir):
+  """The whole training curve of a model_dir, from every attempt's log (later attempts win)."""
+  by_step = {}
+  logs_dir = os.path.join(model_dir, "logs")
+  if not os.path.isdir(logs_dir):
+    return [], []
+  def attempt(name):  # "<label>.<n>.log" sorted by n
+    parts = name.rsplit(".", 2)
+    return (parts[0], int(parts[1])) if len(parts) == 3 and parts[1].isdigit() else (name, 0)
+  for name in sorted(os.listdir(logs_dir), key=attempt):
+    with open(os.path.join(logs_dir, name)) as f:
+      for line in f:
+        m = STEP_RE.search(line)
+        if m:
+          by_step[int(m.group(2))] = float(m.group(1))
+  steps = sorted(by_step)
+  return steps, [by_step[s] for s in steps]
 
 
 def tokens_per_step(batch_size, sequence_length: Dict[str, int]):

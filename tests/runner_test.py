@@ -58,6 +58,24 @@ class ProgressParserTest(absltest.TestCase):
         f.write('model_checkpoint_path: "model.ckpt-12"\nall_model_checkpoint_paths: "model.ckpt-4"\n')
       self.assertEqual(runner.latest_checkpoint_step(d), 12)
 
+  def test_parse_eval_line(self):
+    line = ("I1128 estimator.py:2083] Saving dict for global step 20: global_step = 20, "
+            "loss = 3.6946387, neg_log_perplexity = -4.076843, num_eval_tokens = 1160.0")
+    step, metrics = runner.parse_eval_line(line)
+    self.assertEqual(step, 20)
+    self.assertAlmostEqual(metrics["neg_log_perplexity"], -4.076843)
+    self.assertEqual(metrics["num_eval_tokens"], 1160.0)
+    self.assertIsNone(runner.parse_eval_line("step, tf_loss[4.0][1]"))
+
+  def test_steps_and_losses_merge_attempts_later_wins(self):
+    with tempfile.TemporaryDirectory() as d:
+      os.makedirs(os.path.join(d, "logs"))
+      for n, lines in enumerate([["step, tf_loss[5.0][1]", "step, tf_loss[4.0][2]"],
+                                 ["step, tf_loss[3.9][2]", "step, tf_loss[3.0][3]"]]):
+        with open(os.path.join(d, "logs", f"train.{n}.log"), "w") as f:
+          f.write("\n".join(lines) + "\n")
+      self.assertEqual(runner.steps_and_losses(d), ([1, 2, 3], [5.0, 3.9, 3.0]))
+
   def test_tokens_per_step(self):
     self.assertEqual(runner.tokens_per_step(8, {"inputs": 64, "targets": 16}), 640)
 
