@@ -1,1 +1,26 @@
-"""SeqIO tasks of st-moe (installed as `st_moe.tasks`)."""
+"""SeqIO tasks of st-moe (installed as `st_moe.tasks`); importing registers them all.
+
+Registered (names in README/docs/tasks.md): C4 span corruption, every downstream benchmark of the
+paper (SuperGLUE, ARC, WinoGrande, ANLI R3, XSum, CNN/DailyMail, closed-book QA) with T5's
+vocabulary, the embedded `st_moe_embedded_span_corruption` demo task with a local vocabulary, and
+the mixtures `st_moe_pretrain`, `st_moe_super_glue`, `st_moe_finetune`. Importing twice is safe.
+
+To run the same definitions with another vocabulary (tests, demo):
+  st_moe.tasks.add_tasks(vocabulary, suffix="_local"); st_moe.tasks.add_mixtures("_local")
+"""
+from st_moe.tasks.families import add_mixtures
+from st_moe.tasks.families import add_tasks
+from st_moe.tasks.families import all_benchmarks
+from st_moe.tasks.families import Benchmark
+from st_moe.tasks.families import benchmarks
+from st_moe.tasks.families import mixtures
+from st_moe.tasks.families import remove
+from st_moe.tasks.families import task_kwargs
+from st_moe.tasks.families import task_name
+from st_moe.tasks.sources import DatasetNotPreparedError
+from st_moe.tasks.vocab import default_vocabulary
+from st_moe.tasks.vocab import embedded_vocabulary
+
+EMBEDDED_TASK = "st_moe_embedded_span_corruption"
+TASKS = add_tasks()
+MIXTURES = add_mixtures()
