@@ -41,3 +41,13 @@ def register_gin_search_paths():
 
 
 register_gin_search_paths()
+
+# Gin configurables of the sparse layers: st_moe.SparseFFN, st_moe.sparse_layer_stack.
+from st_moe import losses  # pylint: disable=g-import-not-at-top,wrong-import-position
+from st_moe import dispatch  # pylint: disable=g-import-not-at-top,wrong-import-position
+from st_moe import routing  # pylint: disable=g-import-not-at-top,wrong-import-position
+from st_moe import layers  # pylint: disable=g-import-not-at-top,wrong-import-position
+from st_moe import stacking  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# SeqIO tasks and mixtures (tasks/, installed as st_moe.tasks): `--module_import=st_moe` registers them.
+from st_moe import tasks  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -1,0 +1,368 @@
+"""The ST-MoE sparse feed-forward layer (`st_moe.SparseFFN`) for `mesh_tensorflow.transformer`.
+
+`SparseFFN` is a `TransformerLayer`: `__init__` records and checks the settings (its keyword
+arguments are the gin surface), `call(context, x)` routes the tokens (`st_moe.routing`), runs the
+experts, adds the balance loss and the router z-loss to `context.losses` as two entries
+(`st_moe.losses`), writes router summaries and records the routing for the routing tracer.
+
+Layout: tokens arrive split over the batch; the expert weights carry an experts dimension
+(`experts_dim_name`, "experts" by default) that a layout rule may split over a mesh dimension.
+Dispatch goes batch-split [G`, E, C, M] -> expert-split [E`, G, C, M] by `mtf.reshape`, which is an
+all-to-all on a mesh when both are split over the same mesh dimension; combine goes back the same
+way.
+
+Dimensions cheat sheet:
+  B: batch dim(s); L: length; M: d_model
+  G: groups (named like the batch dim, split with it); S: tokens per group ("group")
+  E: experts ("experts", may be split) and E_u: the same size unsplit ("experts_unsplit")
+  C: expert capacity; H: expert hidden size ("expert_hidden"); K: selected experts
+
+Routing export: every call records a `RoutingRecord` on the mtf graph; after building the graph,
+`routing_records(graph)` lists them (layer name; expert index, gate and kept flag of each token's
+k choices as mtf tensors [B..., L, K]; router probabilities [B..., L, E]; scalar metrics). A tool
+lowers the graph and exports those tensors with `lowering.export_to_tf_tensor`.
+"""
+import dataclasses
+from typing import Dict, List
+
+import gin
+import mesh_tensorflow as mtf
+from mesh_tensorflow.transformer import transformer
+import tensorflow.compat.v1 as tf
+
+from st_moe import dispatch as dispatch_lib
+from st_moe import losses as losses_lib
+from st_moe import routing
+
+_RECORDS_ATTR = "_st_moe_routing_records"
+
+
+@dataclasses.dataclass
+class RoutingRecord:
+  """The routing of one SparseFFN call, as mtf tensors of the graph it was built in.
+
+  Attributes:
+    name: the layer's variable scope, e.g. "encoder/block_003/sparse_ffn/SparseFFN".
+    expert_index: <int32>[B..., L, K] expert of each of the token's k choices.
+    gates: <float32>[B..., L, K] the gate of each choice.
+    kept: <float32>[B..., L, K] one if the choice got a buffer slot (zero: dropped by
+      capacity, by the second-expert policy, or padding).
+    router_probs: <float32>[B..., L, E] the router's softmax.
+    metrics: {name: <float32>[] mtf scalar}: balance_loss, z_loss (before their coefficients)
+      and the routing metrics of `st_moe.routing.routing_metrics`.
+  """
+  name: str
+  expert_index: mtf.Tensor
+  gates: mtf.Tensor
+  kept: mtf.Tensor
+  router_probs: mtf.Tensor
+  metrics: Dict[str, mtf.Tensor]
+
+
+def routing_records(graph) -> List[RoutingRecord]:
+  """The RoutingRecords of every SparseFFN call built in `graph` (an mtf.Graph), in call order."""
+  return list(getattr(graph, _RECORDS_ATTR, []))
+
+
+def _mesh_axis(layout, mesh_shape, dim):
+  """Index of the mesh dimension `dim` is split over, or None (also without a layout)."""
+  if layout is None or mesh_shape is None:
+    return None
+  return mtf.convert_to_layout_rules(layout).tensor_dimension_to_mesh_axis(
+      dim, mtf.convert_to_shape(mesh_shape))
+
+
+def _mesh_dim_size(layout, mesh_shape, dim):
+  """How many ways `dim` is split over the mesh (1 if not split or without a layout)."""
+  axis = _mesh_axis(layout, mesh_shape, dim)
+  return 1 if axis is None else mtf.convert_to_shape(mesh_shape).dims[axis].size
+
+
+def _check_activation(activation):
+  if isinstance(activation, (str,)) or callable(activation):
+    activation = [activation]
+  activation = list(activation)
+  if not activation:
+    raise ValueError("activation=[]: give at least one activation, e.g. ('gelu', 'linear')")
+  for a in activation:
+    if isinstance(a, str) and a != "linear" and not callable(getattr(mtf, a, None)):
+      raise ValueError(f"activation {a!r}: not 'linear' nor a function of mesh_tensorflow "
+                       "(e.g. 'gelu', 'relu')")
+    if not isinstance(a, str) and not callable(a):
+      raise ValueError(f"activation {a!r}: expected a name or a function")
+  return activation
+
+
+@gin.configurable(module="st_moe")
+class SparseFFN(transformer.TransformerLayer):
+  """ST-MoE sparse FFN: float32 router, top-k dispatch with capacity, GEGLU experts."""
+
+  def __init__(self,
+               num_experts=32,
+               hidden_size=2816,
+               activation=("gelu", "linear"),
+               num_selected_experts=2,
+               capacity_factor_train=1.25,
+               capacity_factor_eval=2.0,
+               min_expert_capacity=4,
+               capacity_multiply_by_k=False,
+               group_size=1024,
+               second_policy_train="random",
+               second_policy_eval="random",
+               second_threshold_train=0.2,
+               second_threshold_eval=0.2,
+               renormalize_gates=True,
+               balance_loss_coef=1e-2,
+               router_z_loss_coef=1e-3,
+               router_init_stddev=2e-2,
+               router_jitter_eps=0.0,
+               batch_prioritized_routing=False,
+               expert_dropout_rate=0.0,
+               multiplicative_bias=False,
+               experts_dim_name="experts",
+               dispatch="einsum",
+               print_metrics=False):
+    """Records and checks the settings.
+
+    Args:
+      num_experts: E, experts in the layer.
+      hidden_size: H, hidden units of each expert.
+      activation: activations multiplied together on the hidden layer (GEGLU: gelu x linear);
+        names of mesh_tensorflow functions or "linear", or functions.
+      num_selected_experts: k, experts per token (1 <= k <= E).
+      capacity_factor_train, capacity_factor_eval: capacity factors (> 0) in training and
+        evaluation/inference.
+      min_expert_capacity: smallest buffer per expert and group.
+      capacity_multiply_by_k: capacity int(S * cf * k / E) instead of MTF's int(S * cf / E).
+      group_size: largest number of tokens per routing group (>= 1).
+      second_policy_train, second_policy_eval: all | none | threshold | random, for choices
+        after the first.
+      second_threshold_train, second_threshold_eval: threshold of those policies.
+      renormalize_gates: the k gates sum to one (MTF); else raw router probabilities.
+      balance_loss_coef: c_B, weight of the load-balancing loss (0 turns it off).
+      router_z_loss_coef: c_z, weight of the router z-loss (applied directly, not times c_B).
+      router_init_stddev: stddev of the normal initialiser of the router kernel.
+      router_jitter_eps: multiplicative router-input jitter in training (0 turns it off).
+      batch_prioritized_routing: slots by decreasing top-1 probability; encoders only.
+      expert_dropout_rate: dropout on the experts' hidden layer in training (fine-tuning knob,
+        separate from the model's dropout).
+      multiplicative_bias: a learned [E, H] vector, initialised to ones, scales the hidden layer.
+      experts_dim_name: name of the experts dimension of the expert weights (for layout rules).
+      dispatch: how tokens move to the expert buffers and back: "einsum" (MTF's one-hot matrix
+        products) or "gather" (index gather/scatter; same results, see st_moe.dispatch).
+      print_metrics: print `st_moe_router[<name>][<z_loss>][<fraction dropped>]` every step
+        (read by `st_moe.runner`).
+
+    Raises:
+      ValueError: on a setting that cannot work, naming it.
+    """
+    if not isinstance(num_experts, int) or num_experts < 1:
+      raise ValueError(f"num_experts={num_experts!r}: must be an integer >= 1")
+    if not isinstance(num_selected_experts, int) or not 1 <= num_selected_experts <= num_experts:
+      raise ValueError(f"num_selected_experts={num_selected_experts!r}: must be an integer "
+                       f"between 1 and num_experts={num_experts}")
+    for name, value in (("capacity_factor_train", capacity_factor_train),
+                        ("capacity_factor_eval", capacity_factor_eval)):
+      if not value > 0:
+        raise ValueError(f"{name}={value!r}: the capacity factor must be > 0 "
+                         "(ST-MoE: 1.25 in training, 2.0 in evaluation)")
+    for name, value in (("second_policy_train", second_policy_train),
+                        ("second_policy_eval", second_policy_eval)):
+      if value not in routing.SECOND_POLICIES:
+        raise ValueError(f"{name}={value!r}: expected one of {routing.SECOND_POLICIES}")
+    if dispatch not in dispatch_lib.IMPLEMENTATIONS:
+      raise ValueError(f"dispatch={dispatch!r}: expected one of {dispatch_lib.IMPLEMENTATIONS}")
+    if not isinstance(group_size, int) or group_size < 1:
+      raise ValueError(f"group_size={group_size!r}: must be an integer >= 1 (MTF default 1024)")
+    if not isinstance(min_expert_capacity, int) or min_expert_capacity < 1:
+      raise ValueError(f"min_expert_capacity={min_expert_capacity!r}: must be an integer >= 1")
+    if not 0.0 <= expert_dropout_rate < 1.0:
+      raise ValueError(f"expert_dropout_rate={expert_dropout_rate!r}: must be in [0, 1)")
+    if not 0.0 <= router_jitter_eps < 1.0:
+      raise ValueError(f"router_jitter_eps={router_jitter_eps!r}: must be in [0, 1)")
+    for name, value in (("balance_loss_coef", balance_loss_coef),
+                        ("router_z_loss_coef", router_z_loss_coef),
+                        ("router_init_stddev", router_init_stddev)):
+      if value < 0:
+        raise ValueError(f"{name}={value!r}: must be >= 0")
+    self.num_experts = num_experts
+    self.hidden_size = hidden_size
+    self.activation = _check_activation(activation)
+    self.num_selected_experts = num_selected_experts
+    self.capacity_factor_train = capacity_factor_train
+    self.capacity_factor_eval = capacity_factor_eval
+    self.min_expert_capacity = min_expert_capacity
+    self.capacity_multiply_by_k = capacity_multiply_by_k
+    self.group_size = group_size
+    self.second_policy_train = second_policy_train
+    self.second_policy_eval = second_policy_eval
+    self.second_threshold_train = second_threshold_train
+    self.second_threshold_eval = second_threshold_eval
+    self.renormalize_gates = renormalize_gates
+    self.balance_loss_coef = balance_loss_coef
+    self.router_z_loss_coef = router_z_loss_coef
+    self.router_init_stddev = router_init_stddev
+    self.router_jitter_eps = router_jitter_eps
+    self.batch_prioritized_routing = batch_prioritized_routing
+    self.expert_dropout_rate = expert_dropout_rate
+    self.multiplicative_bias = multiplicative_bias
+    self.experts_dim_name = experts_dim_name
+    self.dispatch = dispatch
+    self.print_metrics = print_metrics
+
+  def check_decoder(self):
+    """Raises if the layer cannot be used in an autoregressive decoder."""
+    if self.batch_prioritized_routing:
+      raise ValueError("batch_prioritized_routing=True in a decoder: the priority sort looks at "
+                       "later tokens, which breaks autoregressive decoding; set it to False for "
+                       "decoder sparse layers")
+
+  def call(self, context, x, losses=None):
+    """Applies the sparse FFN.
+
+    Args:
+      context: a transformer.Context.
+      x: <activation dtype>[B..., L, M] (or [B..., M] in incremental decoding).
+      losses: unused (MTF signature).
+
+    Returns:
+      <activation dtype> tensor of the shape of x.
+    """
+    del losses
+    model = context.model
+    if getattr(model, "ensemble_dim", None):
+      raise NotImplementedError("SparseFFN does not support ensembles (ensemble_dim)")
+    if getattr(model, "autoregressive", False):
+      self.check_decoder()
+    layout, mesh_shape = getattr(model, "layout", None), getattr(model, "mesh_shape", None)
+    x_shape = x.shape
+    if context.length_dim not in x_shape.dims:  # incremental decoding: one position
+      x = mtf.reshape(x, x_shape.dims[:-1] + [mtf.Dimension("length", 1), x_shape.dims[-1]])
+    batch_and_length_dims, model_dim = x.shape.dims[:-1], x.shape.dims[-1]
+    batch_dim = batch_and_length_dims[0]
+    experts_dim = mtf.Dimension(self.experts_dim_name, self.num_experts)
+    experts_mesh_size = _mesh_dim_size(layout, mesh_shape, experts_dim)
+    if self.num_experts % experts_mesh_size:
+      raise ValueError(f"num_experts={self.num_experts} is not divisible by {experts_mesh_size}, "
+                       f"the size of the mesh dimension '{self.experts_dim_name}' is split over: "
+                       "use a multiple of it")
+    batch_mesh_size = _mesh_dim_size(layout, mesh_shape, batch_dim)
+    num_groups, group_size = routing.group_tokens(
+        mtf.Shape(batch_and_length_dims).size, self.group_size, batch_mesh_size)
+    groups_dim = mtf.Dimension(batch_dim.name, num_groups)
+    group_dim = mtf.Dimension(routing.GROUP_DIM_NAME, group_size)
+    experts_unsplit_dim = mtf.Dimension(self.experts_dim_name + "_unsplit", self.num_experts)
+    # On the expert side the groups stay split over the batch's mesh dimension unless the experts
+    # take that same mesh dimension (then dispatch is an all-to-all): no replicated expert work.
+    if _mesh_axis(layout, mesh_shape, experts_dim) == _mesh_axis(layout, mesh_shape, batch_dim):
+      expert_groups_dim = mtf.Dimension(batch_dim.name + "_unsplit", num_groups)
+    else:
+      expert_groups_dim = groups_dim
+
+    tokens = mtf.reshape(x, [groups_dim, group_dim, model_dim])  # [B..., L, M] -> [G, S, M]
+    nonpadding = context.nonpadding
+    if isinstance(nonpadding, mtf.Tensor):
+      nonpadding = mtf.zeros(x.mesh, batch_and_length_dims, tf.float32) + mtf.to_float(nonpadding)
+      nonpadding = mtf.reshape(nonpadding, [groups_dim, group_dim])  # [G, S]
+    else:
+      nonpadding = None  # None (no sequence ids) or 1 (all real tokens)
+
+    train = context.train
+    capacity = routing.expert_capacity(
+        group_size, self.capacity_factor_train if train else self.capacity_factor_eval,
+        self.num_experts, self.min_expert_capacity, self.num_selected_experts,
+        self.capacity_multiply_by_k)
+    logits = routing.router_logits(
+        tokens, experts_unsplit_dim, init_stddev=self.router_init_stddev,
+        jitter_eps=self.router_jitter_eps, train=train,
+        master_dtype=context.variable_dtype.master_dtype,
+        slice_dtype=context.variable_dtype.slice_dtype)  # [G, S, E_u] float32
+    result = routing.route_top_k(
+        logits, experts_unsplit_dim, group_dim, capacity, self.num_selected_experts,
+        nonpadding=nonpadding,
+        second_policy=self.second_policy_train if train else self.second_policy_eval,
+        second_threshold=self.second_threshold_train if train else self.second_threshold_eval,
+        renormalize_gates=self.renormalize_gates,
+        batch_prioritized=self.batch_prioritized_routing)
+    capacity_dim = result.dispatch.shape.dims[-1]
+
+    # DISPATCH: [G`, S, M] x [G`, S, E_u, C] -> [E_u, G`, C, M] -> (all-to-all) [E`, G_u, C, M]
+    # (when experts and batch share a mesh dimension; else [E`, G`, C, M], no communication)
+    expert_inputs = dispatch_lib.DISPATCH[self.dispatch](
+        tokens, result, experts_unsplit_dim, x.dtype)  # [E_u, G`, C, M]
+    expert_inputs = mtf.reshape(
+        expert_inputs, [experts_dim, expert_groups_dim, capacity_dim, model_dim])
+    expert_outputs = self._experts(context, expert_inputs, experts_dim, model_dim)
+    # COMBINE: [E`, G_u, C, M] -> (all-to-all) [E_u, G`, C, M]; x [G`, S, E_u, C] -> [G`, S, M]
+    expert_outputs = mtf.reshape(
+        expert_outputs, [experts_unsplit_dim, groups_dim, capacity_dim, model_dim])
+    y = dispatch_lib.COMBINE[self.dispatch](expert_outputs, result, group_dim)  # [G`, S, M]
+    y = mtf.reshape(y, x_shape)  # [G, S, M] -> [B..., L, M]
+
+    metrics = self._add_losses_and_metrics(
+        context, result, experts_unsplit_dim, group_dim, nonpadding)
+    self._record(x.mesh.graph, result, batch_and_length_dims, metrics)
+    return y
+
+  def _experts(self, context, expert_inputs, experts_dim, model_dim):
+    """GEGLU (or any activation product) experts, no biases: [E, G, C, M] -> [E, G, C, M]."""
+    hidden_dim = mtf.Dimension("expert_hidden", self.hidden_size)
+    h = mtf.layers.dense_product(
+        expert_inputs, reduced_dims=[model_dim], new_dims=[hidden_dim],
+        expert_dims=[experts_dim], activation_functions=self.activation, use_bias=False,
+        variable_dtype=context.variable_dtype, name="wi")  # [E, G, C, H]
+    if self.multiplicative_bias:
+      bias = mtf.get_variable(
+          expert_inputs.mesh, "multiplicative_bias", mtf.Shape([experts_dim, hidden_dim]),
+          initializer=tf.ones_initializer(), dtype=context.variable_dtype)
+      h *= mtf.cast(bias, h.dtype)
+    if context.train and self.expert_dropout_rate > 0.0:
+      h = mtf.dropout(h, context.train, keep_prob=1.0 - self.expert_dropout_rate)
+    return mtf.layers.dense(
+        h, model_dim, reduced_dims=[hidden_dim], expert_dims=[experts_dim], use_bias=False,
+        variable_dtype=context.variable_dtype, name="wo")  # [E, G, C, M]
+
+  def _add_losses_and_metrics(self, context, result, experts_dim, group_dim, nonpadding):
+    """One context.losses entry per loss; summaries under `<scope>/router/`; returns metrics."""
+    balance = losses_lib.load_balance_loss(
+        result.router_probs, result.top1_mask, experts_dim, group_dim, nonpadding)
+    z_loss = losses_lib.router_z_loss(result.router_logits, experts_dim, nonpadding)
+    metrics = routing.routing_metrics(result, experts_dim, nonpadding)
+    prefix = "router/"  # mtf prefixes op names with the variable scope: <scope>/router/...
+    mtf.scalar_summary(prefix + "balance_loss", balance)
+    mtf.scalar_summary(prefix + "z_loss", z_loss)
+    for key, value in metrics.items():
+      mtf.scalar_summary(prefix + key, value)
+    weighted_z = losses_lib.scale(z_loss, self.router_z_loss_coef, context.num_microbatches)
+    if self.print_metrics:
+      message = "st_moe_router[%s]" % tf.get_variable_scope().name
+      weighted_z = mtf.slicewise(
+          lambda w, z, d: tf.Print(w, [z, d], message=message),
+          [weighted_z, z_loss, metrics["fraction_dropped"]], splittable_dims=[],
+          name="print_router_metrics")
+    if context.losses is not None:
+      # Computed in float32; entered in the activation dtype, as mesh's own loss terms are (the
+      # model sums context.losses with mtf.add_n, which needs one dtype).
+      dtype = context.activation_dtype
+      if self.balance_loss_coef:
+        context.losses.append(mtf.cast(
+            losses_lib.scale(balance, self.balance_loss_coef, context.num_microbatches), dtype))
+      if self.router_z_loss_coef or self.print_metrics:
+        context.losses.append(mtf.cast(weighted_z, dtype))
+    return dict(balance_loss=balance, z_loss=z_loss, **metrics)
+
+  def _record(self, graph, result, batch_and_length_dims, metrics):
+    """Adds this call's RoutingRecord to the graph's registry."""
+    selected_dim = result.expert_index.shape.dims[-1]
+    shape = batch_and_length_dims + [selected_dim]  # [G, S, K] -> [B..., L, K]
+    experts_dim = result.router_probs.shape.dims[-1]
+    record = RoutingRecord(
+        name=tf.get_variable_scope().name,
+        expert_index=mtf.reshape(result.expert_index, shape),
+        gates=mtf.reshape(result.gates, shape),
+        kept=mtf.reshape(result.kept, shape),
+        router_probs=mtf.reshape(result.router_probs, batch_and_length_dims + [experts_dim]),
+        metrics=metrics)
+    if not hasattr(graph, _RECORDS_ATTR):
+      setattr(graph, _RECORDS_ATTR, [])
+    getattr(graph, _RECORDS_ATTR).append(record)

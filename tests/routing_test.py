@@ -1,0 +1,230 @@
+"""st_moe.routing against a small numpy reference of top-k routing with capacity.
+
+The reference below is written independently of the mtf code: a greedy loop that hands out
+buffer slots one choice round at a time (all first choices, then all second choices, ...), token
+by token in group order (or by decreasing top-1 probability with batch-prioritized routing).
+"""
+import itertools
+
+from absl.testing import absltest
+import mesh_tensorflow as mtf
+import numpy as np
+import tensorflow.compat.v1 as tf
+
+from st_moe import routing
+
+tf.disable_v2_behavior()
+
+G, S, E = 2, 8, 4
+
+
+def softmax(x):
+  z = np.exp(x - x.max(-1, keepdims=True))
+  return z / z.sum(-1, keepdims=True)
+
+
+def reference_route(logits, k, capacity, nonpadding=None, policy="all", threshold=0.2,
+                    renormalize=True, prioritized=False):
+  """numpy: dispatch, combine [G, S, E, C], index, gates, kept [G, S, K]."""
+  groups, size, experts = logits.shape
+  probs = softmax(logits.astype(np.float64))
+  if nonpadding is None:
+    nonpadding = np.ones((groups, size))
+  dispatch = np.zeros((groups, size, experts, capacity))
+  combine = np.zeros_like(dispatch)
+  index = np.zeros((groups, size, k), np.int64)
+  gates = np.zeros((groups, size, k))
+  kept = np.zeros((groups, size, k))
+  for g in range(groups):
+    for s in range(size):
+      ranked = sorted(range(experts), key=lambda e, p=probs[g, s]: (-p[e], e))[:k]
+      index[g, s] = ranked
+      raw = probs[g, s, ranked] * nonpadding[g, s]
+      gates[g, s] = raw / (raw.sum() + 1e-9) if renormalize else raw
+    if prioritized:
+      order = sorted(range(size), key=lambda s, g=g: (-probs[g, s].max(), s))
+    else:
+      order = list(range(size))
+    taken = np.zeros(experts, np.int64)
+    for i in range(k):
+      for s in order:
+        if not nonpadding[g, s]:
+          continue
+        if i > 0 and (policy == "none" or (policy == "threshold" and gates[g, s, i] <= threshold)):
+          continue
+        e = index[g, s, i]
+        if taken[e] < capacity:
+          dispatch[g, s, e, taken[e]] = 1.0
+          combine[g, s, e, taken[e]] = gates[g, s, i]
+          kept[g, s, i] = 1.0
+          taken[e] += 1
+  return dispatch, combine, index, gates, kept
+
+
+def evaluate(build):
+  """Builds mtf tensors with build(mesh) -> list, lowers on one CPU slice, returns numpy values."""
+  graph = mtf.Graph()
+  mesh = mtf.Mesh(graph, "mesh")
+  tensors = build(mesh)
+  mesh_impl = mtf.placement_mesh_impl.PlacementMeshImpl(shape=[], layout={}, devices=[""])
+  lowering = mtf.Lowering(graph, {mesh: mesh_impl})
+  fetches = [lowering.export_to_tf_tensor(t) for t in tensors]
+  with tf.Session() as sess:
+    sess.run(tf.global_variables_initializer())
+    return sess.run(fetches)
+
+
+def import_tensor(mesh, value, dims):
+  return mtf.import_tf_tensor(mesh, tf.constant(value), mtf.Shape(dims))
+
+
+class RoutingTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    tf.reset_default_graph()
+    rng = np.random.RandomState(0)
+    self.logits = (rng.randn(G, S, E) * 2.0).astype(np.float32)
+    # Padding: last two tokens of group 0, the first token of group 1.
+    self.nonpadding = np.ones((G, S), np.float32)
+    self.nonpadding[0, -2:] = 0.0
+    self.nonpadding[1, 0] = 0.0
+
+  def test_matches_numpy_reference(self):
+    cases = list(itertools.product(
+        (1, 2, 3),                # k
+        (0.5, 1.0, 2.0),          # capacity factor
+        ("all", "none", "threshold"),
+        (False, True),            # padding
+        (False, True),            # batch-prioritized
+        ))
+    groups_dim, group_dim = mtf.Dimension("batch", G), mtf.Dimension("group", S)
+    experts_dim = mtf.Dimension("experts_unsplit", E)
+
+    def build(mesh):
+      logits = import_tensor(mesh, self.logits, [groups_dim, group_dim, experts_dim])
+      nonpadding = import_tensor(mesh, self.nonpadding, [groups_dim, group_dim])
+      out = []
+      for k, cf, policy, padded, prioritized in cases:
+        capacity = routing.expert_capacity(S, cf, E, min_expert_capacity=1)
+        r = routing.route_top_k(
+            logits, experts_dim, group_dim, capacity, k,
+            nonpadding=nonpadding if padded else None, second_policy=policy,
+            second_threshold=0.3, batch_prioritized=prioritized)
+        out += [r.dispatch, r.combine, r.expert_index, r.gates, r.kept]
+      return out
+
+    values = evaluate(build)
+    dropped_somewhere = 0
+    for n, (k, cf, policy, padded, prioritized) in enumerate(cases):
+      capacity = max(min(S, int(S * cf / E)), 1)
+      want = reference_route(self.logits, k, capacity, self.nonpadding if padded else None,
+                             policy, 0.3, prioritized=prioritized)
+      got = values[5 * n:5 * n + 5]
+      for name, w, g in zip(("dispatch", "combine", "index", "gates", "kept"), want, got):
+        np.testing.assert_allclose(
+            g, w, atol=1e-6, err_msg=f"{name} k={k} cf={cf} {policy} pad={padded} "
+            f"bpr={prioritized}")
+      tokens = self.nonpadding.sum() if padded else G * S
+      dropped_somewhere += int(want[4][..., 0].sum() < tokens)
+    # The cases must exercise overflow, not only the easy path.
+    self.assertGreater(dropped_somewhere, 10)
+
+  def test_raw_probability_gates(self):
+    groups_dim, group_dim = mtf.Dimension("batch", G), mtf.Dimension("group", S)
+    experts_dim = mtf.Dimension("experts_unsplit", E)
+
+    def build(mesh):
+      logits = import_tensor(mesh, self.logits, [groups_dim, group_dim, experts_dim])
+      r = routing.route_top_k(logits, experts_dim, group_dim, 4, 2, second_policy="all",
+                              renormalize_gates=False)
+      return [r.combine, r.gates]
+
+    combine, gates = evaluate(build)
+    _, want_combine, _, want_gates, _ = reference_route(self.logits, 2, 4, renormalize=False)
+    np.testing.assert_allclose(gates, want_gates, atol=1e-6)
+    np.testing.assert_allclose(combine, want_combine, atol=1e-6)
+    self.assertLess(gates.sum(-1).max(), 1.0)
+
+  def test_random_policy_keeps_second_choice_with_probability_gate_over_threshold(self):
+    size, experts, threshold = 4096, 4, 0.3
+    logits = np.random.RandomState(1).randn(1, size, experts).astype(np.float32)
+    groups_dim, group_dim = mtf.Dimension("batch", 1), mtf.Dimension("group", size)
+    experts_dim = mtf.Dimension("experts_unsplit", experts)
+
+    def build(mesh):
+      x = import_tensor(mesh, logits, [groups_dim, group_dim, experts_dim])
+      r = routing.route_top_k(x, experts_dim, group_dim, size, 2, second_policy="random",
+                              second_threshold=threshold)
+      return [r.kept, r.gates]
+
+    kept, gates = evaluate(build)
+    np.testing.assert_array_equal(kept[..., 0], 1.0)
+    expected = np.minimum(1.0, gates[..., 1] / threshold).mean()
+    self.assertAlmostEqual(kept[..., 1].mean(), expected, delta=0.03)
+    self.assertLess(kept[..., 1].mean(), 0.99)
+
+  def test_expert_capacity_formula(self):
+    self.assertEqual(routing.expert_capacity(1024, 1.25, 32), 40)
+    self.assertEqual(routing.expert_capacity(1024, 2.0, 32), 64)
+    self.assertEqual(routing.expert_capacity(64, 1.25, 32), 4)  # min_expert_capacity
+    self.assertEqual(routing.expert_capacity(8, 8.0, 2), 8)  # at most S
+    self.assertEqual(routing.expert_capacity(1024, 1.25, 32, 4, 2, multiply_by_k=True), 80)
+    with self.assertRaisesRegex(ValueError, "capacity_factor=0"):
+      routing.expert_capacity(1024, 0, 32)
+    with self.assertRaisesRegex(ValueError, r"capacity_factor=-1\.0"):
+      routing.expert_capacity(1024, -1.0, 32)
+
+  def test_group_tokens(self):
+    self.assertEqual(routing.group_tokens(4096, 1024), (4, 1024))
+    self.assertEqual(routing.group_tokens(1500, 1024), (2, 750))
+    self.assertEqual(routing.group_tokens(64, 1024, 8), (8, 8))
+    self.assertEqual(routing.group_tokens(60, 8, 2), (10, 6))
+    with self.assertRaisesRegex(ValueError, "group_size=0"):
+      routing.group_tokens(64, 0)
+    with self.assertRaisesRegex(ValueError, "not a multiple of 3"):
+      routing.group_tokens(64, 8, 3)
+
+  def test_invalid_k_and_policy(self):
+    groups_dim, group_dim = mtf.Dimension("batch", G), mtf.Dimension("group", S)
+    experts_dim = mtf.Dimension("experts_unsplit", E)
+    mesh = mtf.Mesh(mtf.Graph(), "mesh")
+    logits = mtf.zeros(mesh, [groups_dim, group_dim, experts_dim])
+    with self.assertRaisesRegex(ValueError, "num_selected_experts=5"):
+      routing.route_top_k(logits, experts_dim, group_dim, 4, 5)
+    with self.assertRaisesRegex(ValueError, "'sometimes'"):
+      routing.route_top_k(logits, experts_dim, group_dim, 4, 2, second_policy="sometimes")
+
+  def test_router_logits_are_float32_under_bfloat16(self):
+    groups_dim, group_dim = mtf.Dimension("batch", G), mtf.Dimension("group", S)
+    model_dim, experts_dim = mtf.Dimension("d_model", 6), mtf.Dimension("experts_unsplit", E)
+    mesh = mtf.Mesh(mtf.Graph(), "mesh")
+    x = mtf.cast(mtf.ones(mesh, [groups_dim, group_dim, model_dim]), tf.bfloat16)
+    logits = routing.router_logits(x, experts_dim, train=True, jitter_eps=0.01)
+    self.assertEqual(logits.dtype, tf.float32)
+    self.assertEqual(logits.shape.dims, [groups_dim, group_dim, experts_dim])
+    kernel, = [v for v in mesh.graph.trainable_variables if v.name.endswith("router/kernel")]
+    self.assertEqual(kernel.activation_dtype, tf.float32)
+
+  def test_router_jitter_in_training_only(self):
+    groups_dim, group_dim = mtf.Dimension("batch", G), mtf.Dimension("group", S)
+    model_dim, experts_dim = mtf.Dimension("d_model", 6), mtf.Dimension("experts_unsplit", E)
+    x_value = np.random.RandomState(2).randn(G, S, 6).astype(np.float32)
+
+    def build(mesh):
+      x = import_tensor(mesh, x_value, [groups_dim, group_dim, model_dim])
+      out = []
+      for n, train in enumerate((True, False)):
+        logits = routing.router_logits(x, experts_dim, jitter_eps=0.5, train=train,
+                                       name=f"router_{n}")
+        kernel, = [v for v in mesh.graph.trainable_variables if v.name == f"router_{n}/kernel"]
+        plain = mtf.einsum([x, kernel.outputs[0]], logits.shape)
+        out += [logits, plain]
+      return out
+
+    train_jittered, train_plain, eval_logits, eval_plain = evaluate(build)
+    self.assertGreater(np.abs(train_jittered - train_plain).max(), 1e-3)
+    np.testing.assert_allclose(eval_logits, eval_plain, atol=1e-6)
+
+if __name__ == "__main__":
+  absltest.main()
