@@ -1,0 +1,106 @@
+"""The real entry point: `t5_mesh_transformer --module_import=st_moe --gin_file=st_moe_tiny.gin
+--gin_file=cpu.gin --gin_file=pretrain_c4.gin ...` trains on CPU, writes a checkpoint and
+operative_config.gin, and a second run resumes from that checkpoint; a layout whose mesh dimension
+does not divide the experts fails naming the dimension.
+
+Data: the in-memory SeqIO task of tests/testing_tasks.py (Python's own pydoc text, byte vocabulary,
+span corruption), imported with --module_import=testing_tasks. Each process spends ~40 s starting.
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENTRY_POINT = os.path.join(os.path.dirname(sys.executable), "t5_mesh_transformer")
+TIMEOUT = 400
+
+
+def _command(model_dir, *gin_params):
+  return [ENTRY_POINT, "--module_import=st_moe", "--module_import=testing_tasks",
+          f"--model_dir={model_dir}",
+          "--gin_file=st_moe_tiny.gin", "--gin_file=cpu.gin", "--gin_file=pretrain_c4.gin",
+          "--gin_param=MIXTURE_NAME = 'st_moe_test_bytes_span_corruption'",
+          "--gin_param=utils.run.sequence_length = {'inputs': 64, 'targets': 16}",
+          "--gin_param=utils.run.batch_size = ('sequences_per_batch', 4)",
+          "--gin_param=utils.run.save_checkpoints_steps = 2",
+          "--gin_param=utils.run.iterations_per_loop = 2",
+          *[f"--gin_param={p}" for p in gin_params]]
+
+
+def _env():
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(
+      [os.path.join(REPO, "tests"), REPO] + [p for p in [env.get("PYTHONPATH")] if p])
+  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+  return env
+
+
+def _steps(log):
+  """Global steps of the per-step loss lines mesh_tensorflow prints: step, tf_loss[loss][step]."""
+  return sorted({int(s) for s in re.findall(r"tf_loss\[[-0-9.e]+\]\[(\d+)\]", log)})
+
+
+class TrainEntryPointTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.tmp = tempfile.mkdtemp(prefix="st_moe_entry_")
+    # Started now, read in test_wrong_layout: its ~40 s of start-up overlaps the training runs.
+    cls.wrong_layout = subprocess.Popen(
+        _command(os.path.join(cls.tmp, "wrong"), "utils.run.train_steps = 1",
+                 "utils.run.mesh_shape = 'batch:3'",
+                 "utils.run.batch_size = ('sequences_per_batch', 6)"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=cls.tmp)
+
+  @classmethod
+  def tearDownClass(cls):
+    if cls.wrong_layout.poll() is None:
+      cls.wrong_layout.kill()
+      cls.wrong_layout.communicate()
+    shutil.rmtree(cls.tmp, ignore_errors=True)
+    super().tearDownClass()
+
+  def _run(self, model_dir, steps):
+    out = subprocess.run(_command(model_dir, f"utils.run.train_steps = {steps}"),
+                         capture_output=True, text=True, env=_env(), cwd=self.tmp,
+                         timeout=TIMEOUT, check=False)
+    self.assertEqual(out.returncode, 0, out.stderr[-5000:])
+    return out.stderr + out.stdout
+
+  def test_trains_writes_checkpoint_and_config_then_resumes(self):
+    model_dir = os.path.join(self.tmp, "model")
+    log = self._run(model_dir, 2)
+    self.assertTrue(os.path.exists(os.path.join(model_dir, "model.ckpt-2.index")),
+                    os.listdir(model_dir))
+    with open(os.path.join(model_dir, "operative_config.gin")) as f:
+      operative = f.read()
+    self.assertIn("num_experts = 4", operative)
+    self.assertIn("sparse_layer_stack.sparse_ffn_layer = @st_moe.SparseFFN", operative)
+    self.assertIn("MIXTURE_NAME = 'st_moe_test_bytes_span_corruption'", operative)
+    self.assertEqual(_steps(log), [1, 2], log[-3000:])
+    losses = {float(x) for x in re.findall(r"Loss for final step: ([0-9]+\.[0-9]+)", log)}
+    self.assertLen(losses, 1, log[-3000:])
+    self.assertTrue(0.0 < losses.pop() < 100.0)
+
+    log = self._run(model_dir, 4)
+    self.assertRegex(log, r"Restoring parameters from .*model\.ckpt-2")
+    self.assertTrue(os.path.exists(os.path.join(model_dir, "model.ckpt-4.index")),
+                    os.listdir(model_dir))
+    self.assertNotRegex(log, r"Saving checkpoints for 0 into")  # resumed, not restarted
+    self.assertEqual(_steps(log), [3, 4], log[-3000:])  # the global step continues
+
+  def test_wrong_layout_fails_naming_the_dimension(self):
+    _, stderr = self.wrong_layout.communicate(timeout=TIMEOUT)
+    self.assertNotEqual(self.wrong_layout.returncode, 0, stderr[-3000:])
+    self.assertRegex(stderr, r"num_experts=4 is not divisible by 3.*'experts'")
+    self.assertFalse(os.path.exists(os.path.join(self.tmp, "wrong", "model.ckpt-0.index")))
+
+
+if __name__ == "__main__":
+  absltest.main()
