@@ -1,0 +1,262 @@
+"""Routing tracer: which experts each token goes to, layer by layer, in a trained ST-MoE.
+
+Builds the model from its gin files exactly as `t5_mesh_transformer` would (st_moe.model_graph),
+feeds it examples of a SeqIO task, restores a checkpoint, and reads every SparseFFN's
+RoutingRecord (st_moe.layers.routing_records). The analysis is st_moe.routing_stats; the report
+(markdown, JSON, PNG heat maps) follows the paper's qualitative routing analysis (ST-MoE,
+arXiv 2202.08906, Sec. 7): routing entropy per sparse layer against ln E, what kinds of tokens each
+encoder expert takes, and which experts specialise.
+
+Dimensions: B sequences, L length, K choices per token, E experts, N traced tokens.
+"""
+import dataclasses
+import json
+import os
+from typing import Dict, List
+
+import mesh_tensorflow as mtf
+from mesh_tensorflow.transformer import utils as mtf_utils
+import numpy as np
+import tensorflow.compat.v1 as tf
+
+from st_moe import layers
+from st_moe import model_graph
+from st_moe import reporting
+from st_moe import routing_stats as rs
+
+
+@dataclasses.dataclass
+class LayerTrace:
+  """What one sparse layer did with the traced tokens (non-padding tokens only)."""
+  name: str
+  stack: str  # "encoder" or "decoder"
+  num_experts: int
+  token_ids: np.ndarray  # <int32>[N] the token each position carries into this layer
+  expert_index: np.ndarray  # <int32>[N, K]
+  gates: np.ndarray  # <float32>[N, K]
+  kept: np.ndarray  # <bool>[N, K]
+  router_probs: np.ndarray  # <float32>[N, E]
+  layer_metrics: Dict[str, float]  # the layer's own summaries (fraction_dropped, entropy, ...)
+
+
+def _stack_of(name):
+  return "decoder" if name.startswith("decoder") else "encoder"
+
+
+def load_examples(task_name, split, sequence_length, num_tokens, batch_size):
+  """Batches of padded, unpacked examples until `num_tokens` encoder tokens are collected.
+
+  Returns:
+    (inputs <int32>[B_total, Li], targets <int32>[B_total, Lt], vocabulary)
+  """
+  import seqio  # pylint: disable=g-import-not-at-top
+  task = seqio.get_mixture_or_task(task_name)
+  ds = task.get_dataset(sequence_length, split=split, shuffle=False, use_cached=False,
+                        try_in_mem_cache=False)
+  inputs, targets = [], []
+  total = 0
+  for ex in ds.as_numpy_iterator():
+    row_in = np.zeros(sequence_length["inputs"], np.int32)
+    row_tg = np.zeros(sequence_length["targets"], np.int32)
+    x = ex["inputs"][:sequence_length["inputs"]]
+    y = ex["targets"][:sequence_length["targets"]]
+    row_in[:len(x)] = x
+    row_tg[:len(y)] = y
+    inputs.append(row_in)
+    targets.append(row_tg)
+    total += int(np.count_nonzero(row_in))
+    if total >= num_tokens and len(inputs) % batch_size == 0:
+      break
+  if not inputs:
+    raise ValueError(f"task {task_name!r} split {split!r} gave no examples")
+  while len(inputs) % batch_size:  # pad to whole batches with empty rows (all padding)
+    inputs.append(np.zeros(sequence_length["inputs"], np.int32))
+    targets.append(np.zeros(sequence_length["targets"], np.int32))
+  vocabulary = task.output_features["inputs"].vocabulary
+  return np.stack(inputs), np.stack(targets), vocabulary
+
+
+def trace(gin_files, gin_params, model_dir, task_name, split="validation", num_tokens=2048,
+          batch_size=8, sequence_length=None, checkpoint_path=None) -> List[LayerTrace]:
+  """Runs the model over `num_tokens` tokens of the task and returns one LayerTrace per sparse call."""
+  model_graph.parse_gin(gin_files, gin_params)
+  import st_moe.tasks  # pylint: disable=g-import-not-at-top,unused-import
+  if sequence_length is None:
+    sequence_length = model_graph.query("utils.run.sequence_length", None) or {
+        "inputs": 128, "targets": 32}
+  sequence_length = {k: int(sequence_length[k]) for k in ("inputs", "targets")}
+  inputs, targets, vocabulary = load_examples(task_name, split, sequence_length, num_tokens,
+                                              batch_size)
+  mesh_shape, layout_rules = model_graph.gin_mesh_and_layout()
+  checkpoint_path = checkpoint_path or tf.train.latest_checkpoint(model_dir)
+  if checkpoint_path is None:
+    raise FileNotFoundError(f"--model_dir={model_dir}: no checkpoint there to trace")
+  per_layer = {}
+  graph_tf = tf.Graph()
+  with graph_tf.as_default():
+    model = mtf_utils.build_model(
+        model_type="bitransformer", input_vocab_size=vocabulary.vocab_size,
+        output_vocab_size=vocabulary.vocab_size, layout_rules=layout_rules,
+        mesh_shape=mesh_shape)
+    graph = mtf.Graph()
+    mesh = mtf.Mesh(graph, "my_mesh")
+    batch_dim = mtf.Dimension("batch", batch_size)
+    tf_in = tf.placeholder(tf.int32, [batch_size, sequence_length["inputs"]])
+    tf_tg = tf.placeholder(tf.int32, [batch_size, sequence_length["targets"]])
+    feats = {}
+    for key, tensor, length in (("inputs", tf_in, sequence_length["inputs"]),
+                                ("targets", tf_tg, sequence_length["targets"])):
+      shape = mtf.Shape([batch_dim, mtf.Dimension("length", length)])
+      feats[key] = mtf.import_fully_replicated(mesh, tensor, shape, name=key)
+      feats[key + "_segmentation"] = mtf.import_fully_replicated(
+          mesh, tf.cast(tf.not_equal(tensor, 0), tf.int32), shape, name=key + "_segmentation")
+    model.call_simple(
+        inputs=feats["inputs"], targets=feats["targets"], compute_loss=True, mode="eval",
+        variable_dtype=mtf_utils.get_variable_dtype(),
+        encoder_sequence_id=feats["inputs_segmentation"],
+        decoder_sequence_id=feats["targets_segmentation"])
+    records = layers.routing_records(graph)
+    if not records:
+      raise ValueError(f"gin files {list(gin_files)} build a model with no st_moe.SparseFFN layer: "
+                       "nothing to trace")
+    mesh_impl = mtf.placement_mesh_impl.PlacementMeshImpl(
+        mesh_shape, layout_rules, [""] * mesh_shape.size)
+    lowering = mtf.Lowering(graph, {mesh: mesh_impl})
+    fetches = []
+    for r in records:
+      item = {"expert_index": r.expert_index, "gates": r.gates, "kept": r.kept,
+              "router_probs": r.router_probs}
+      for key, value in r.metrics.items():
+        item["metric/" + key] = value
+      fetches.append({k: lowering.export_to_tf_tensor(v) for k, v in item.items()})
+    saver = tf.train.Saver(var_list=[v for v in tf.global_variables()
+                                     if not v.name.startswith("global_step")])
+    with tf.Session() as sess:
+      saver.restore(sess, checkpoint_path)
+      sess.run(lowering.copy_masters_to_slices())
+      for start in range(0, len(inputs), batch_size):
+        batch_in = inputs[start:start + batch_size]
+        batch_tg = targets[start:start + batch_size]
+        values = sess.run(fetches, {tf_in: batch_in, tf_tg: batch_tg})
+        # The decoder at position t reads the previous target token (0 at t = 0).
+        dec_in = np.concatenate([np.zeros_like(batch_tg[:, :1]), batch_tg[:, :-1]], axis=1)
+        for r, v in zip(records, values):
+          stack = _stack_of(r.name)
+          tokens = batch_in if stack == "encoder" else dec_in
+          mask = (batch_in if stack == "encoder" else batch_tg) != 0
+          acc = per_layer.setdefault(r.name, {"stack": stack, "tokens": [], "metrics": {}})
+          acc["tokens"].append(tokens[mask])
+          for key, arr in v.items():
+            if key.startswith("metric/"):
+              acc["metrics"].setdefault(key[len("metric/"):], []).append(float(arr))
+            else:
+              acc.setdefault(key, []).append(arr[mask])
+  traces = []
+  for r in records:
+    acc = per_layer[r.name]
+    traces.append(LayerTrace(
+        name=r.name, stack=acc["stack"], num_experts=r.router_probs.shape[-1].size,
+        token_ids=np.concatenate(acc["tokens"]).astype(np.int32),
+        expert_index=np.concatenate(acc["expert_index"]).astype(np.int32),
+        gates=np.concatenate(acc["gates"]).astype(np.float32),
+        kept=np.concatenate(acc["kept"]) > 0.5,
+        router_probs=np.concatenate(acc["router_probs"]).astype(np.float32),
+        layer_metrics={k: float(np.mean(v)) for k, v in acc["metrics"].items()}))
+  return traces, vocabulary
+
+
+def pieces_and_sentinels(token_ids, vocabulary):
+  """The vocabulary's spelling of each id, and whether it is a span-corruption sentinel."""
+  base = vocabulary.vocab_size - getattr(vocabulary, "extra_ids", 0)
+  cache = {}
+  pieces = []
+  for t in token_ids.tolist():
+    if t not in cache:
+      if t >= base:
+        cache[t] = f"<extra_id_{vocabulary.vocab_size - 1 - t}>"
+      else:
+        tokenizer = getattr(vocabulary, "tokenizer", None)
+        cache[t] = tokenizer.id_to_piece(t) if tokenizer is not None else vocabulary.decode([t])
+    pieces.append(cache[t])
+  return pieces, np.asarray(token_ids) >= base
+
+
+def analyse(layer: LayerTrace, vocabulary, top_n=6):
+  """Summary dict of one layer's routing (JSON-ready)."""
+  pieces, sentinels = pieces_and_sentinels(layer.token_ids, vocabulary)
+  classes = rs.classify_tokens(pieces, sentinels)
+  top1 = layer.expert_index[:, 0]
+  counts = rs.class_counts(top1, classes, layer.num_experts)
+  shares = rs.class_shares(counts)
+  summary = {
+      "name": layer.name, "stack": layer.stack, "num_experts": layer.num_experts,
+      "num_tokens": int(layer.token_ids.size),
+      "uniform_entropy": rs.uniform_entropy(layer.num_experts),
+      "router_entropy": rs.mean_router_entropy(layer.router_probs),
+      "load_entropy": rs.load_entropy(top1, layer.num_experts),
+      "fraction_dropped": rs.dropped_fraction(layer.kept),
+      "expert_load": rs.expert_load(top1, layer.num_experts).tolist(),
+      "class_counts": counts.tolist(),
+      "class_shares": shares.tolist(),
+      "base_rates": rs.base_rates(classes).tolist(),
+      "specialized": [dict(zip(("expert", "class", "share", "base_rate"), s))
+                      for s in rs.specialized_experts(counts)],
+      "top_tokens": rs.top_tokens(top1, pieces, layer.num_experts, n=top_n),
+      "layer_metrics": layer.layer_metrics,
+  }
+  return summary
+
+
+def _short(name):
+  parts = [p for p in name.split("/") if p.startswith(("block_", "layer_"))]
+  return f"{_stack_of(name)} " + "/".join(parts) if parts else name
+
+
+def write_report(summaries, out_dir, title="Routing trace"):
+  """routing.md, routing.json and one heat map PNG per layer (plus an entropy chart) in out_dir."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "routing.json"), "w") as f:
+    json.dump(summaries, f, indent=1)
+  rows = []
+  for s in summaries:
+    rows.append([_short(s["name"]), s["num_tokens"], s["router_entropy"], s["uniform_entropy"],
+                 s["load_entropy"], 100 * s["fraction_dropped"], len(s["specialized"])])
+  lines = [f"### {title}", "",
+           "Router entropy: mean over tokens of the entropy of the router's distribution over "
+           "experts (nats; the paper's measure, bounded by ln E). Load entropy: entropy of how "
+           "tokens spread over experts by first choice.", "",
+           reporting.markdown_table(
+               ["sparse layer", "tokens", "router entropy", "ln E", "load entropy",
+                "dropped %", "specialised experts"], rows)]
+  for i, s in enumerate(summaries):
+    png = f"layer_{i:02d}_{s['stack']}_classes.png"
+    reporting.plot_heatmap(
+        np.asarray(s["class_shares"]), [f"expert {e}" for e in range(s["num_experts"])],
+        list(rs.TOKEN_CLASSES), os.path.join(out_dir, png),
+        f"{_short(s['name'])}: share of each expert's tokens by class")
+    lines += [f"#### {_short(s['name'])}", "",
+              "base rates: " + ", ".join(f"{c} {100 * r:.0f}%" for c, r in
+                                         zip(rs.TOKEN_CLASSES, s["base_rates"])), ""]
+    expert_rows = []
+    special = {}
+    for sp in s["specialized"]:
+      special.setdefault(sp["expert"], []).append(f"{sp['class']} ({100 * sp['share']:.0f}% vs "
+                                                   f"{100 * sp['base_rate']:.0f}%)")
+    for e in range(s["num_experts"]):
+      expert_rows.append([e, f"{100 * s['expert_load'][e]:.1f}%",
+                          " ".join(f"`{p}`x{c}" for p, c in s["top_tokens"][e]),
+                          "; ".join(special.get(e, []))])
+    lines += [reporting.markdown_table(["expert", "load", "most frequent tokens", "specialises in"],
+                                       expert_rows), f"![classes]({png})", ""]
+  entropies = {"router entropy": ([i for i, _ in enumerate(summaries)],
+                                  [s["router_entropy"] for s in summaries]),
+               "ln E": ([i for i, _ in enumerate(summaries)],
+                        [s["uniform_entropy"] for s in summaries])}
+  reporting.plot_curves(entropies, os.path.join(out_dir, "entropy.png"),
+                        "Routing entropy per sparse layer (encoder first, then decoder)",
+                        ylabel="nats", xlabel="sparse layer")
+  lines.insert(5, "![entropy](entropy.png)\n")
+  text = "\n".join(lines) + "\n"
+  with open(os.path.join(out_dir, "routing.md"), "w") as f:
+    f.write(text)
+  return text
