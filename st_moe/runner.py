@@ -111,6 +111,10 @@ class ProgressParser:
     if not m:
       return None
     loss, step = float(m.group(1)), int(m.group(2))
+    if self.steps:
+      # mesh_tensorflow prints the global step read racing with its increment, so at the end of an
+      # iterations_per_loop it can show step n+1 twice and skip n: count lines after the first.
+      step = self.steps[-1] + 1
     self.steps.append(step)
     self.losses.append(loss)
     self.step_times.append((self.clock(), step))
@@ -225,10 +229,12 @@ def steps_and_losses(model_dir):
     return (parts[0], int(parts[1])) if len(parts) == 3 and parts[1].isdigit() else (name, 0)
   for name in sorted(os.listdir(logs_dir), key=attempt):
     with open(os.path.join(logs_dir, name)) as f:
+      step = None
       for line in f:
         m = STEP_RE.search(line)
         if m:
-          by_step[int(m.group(2))] = float(m.group(1))
+          step = int(m.group(2)) if step is None else step + 1  # see ProgressParser.feed
+          by_step[step] = float(m.group(1))
   steps = sorted(by_step)
   return steps, [by_step[s] for s in steps]
 

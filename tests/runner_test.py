@@ -43,6 +43,14 @@ class ProgressParserTest(absltest.TestCase):
     self.assertIn("router z-loss", shown[0])
     self.assertIn("tokens/s", shown[1])
 
+  def test_steps_count_lines_after_the_first_printed_step(self):
+    # mesh_tensorflow's print can show "[101]" twice around a loop boundary and skip 100.
+    p = runner.ProgressParser(tokens_per_step=1, label="m")
+    for line in ["step, tf_loss[4.0][98]", "step, tf_loss[3.9][99]", "step, tf_loss[3.8][101]",
+                 "step, tf_loss[3.7][101]"]:
+      p.feed(line)
+    self.assertEqual(p.steps, [98, 99, 100, 101])
+
   def test_divergence_is_reported_once_seen(self):
     p = runner.ProgressParser(100, monitor=divergence.DivergenceMonitor(), label="m")
     p.feed("step, tf_loss[4.0][1]")

@@ -81,10 +81,18 @@ def eval_gin_params(step):
   ]
 
 
+def vocab_size():
+  """Size of the task's vocabulary (the embedded task's is small: this dominates tiny models)."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  import st_moe  # pylint: disable=g-import-not-at-top,unused-import  (registers the tasks)
+  return seqio.get_mixture_or_task(FLAGS.task).output_features["targets"].vocabulary.vocab_size
+
+
 def count_params(model):
-  """total params and FLOPs/token from tools/count_params.py --json."""
+  """total params and FLOPs/token (at the demo's lengths) from tools/count_params.py --json."""
   cmd = [sys.executable, os.path.join(REPO, "tools", "count_params.py"), "--json",
-         f"--gin_file={model}.gin"]
+         f"--gin_file={model}.gin", f"--vocab_size={vocab_size()}",
+         f"--gin_param=utils.run.sequence_length={sequence_length()!r}"]
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if proc.returncode != 0:
     raise RuntimeError(f"count_params failed for {model}:\n{proc.stderr[-3000:]}")
@@ -184,11 +192,11 @@ def write_report(out, counts, trained, evals, routing_md):
     c, t, e = counts[model], trained[model], evals.get(model, {})
     rows.append([model, f"{c['total_params']:,}", f"{c['flops_per_token']:,}",
                  t.get("final_train_loss"), e.get("neg_log_perplexity"),
-                 e.get("loss"), t.get("tokens_per_second") and round(t["tokens_per_second"]),
+                 t.get("tokens_per_second") and round(t["tokens_per_second"]),
                  "diverged" if t.get("diverged") else "ok"])
   table = reporting.markdown_table(
-      ["model", "params", "FLOPs/token", "final train loss", "validation neg. log perplexity",
-       "validation loss", "train tokens/s", "run"], rows)
+      ["model", "params", "FLOPs/token", "final train loss",
+       "validation neg. log perplexity (per token)", "train tokens/s", "run"], rows)
   curves = {m: runner.steps_and_losses(os.path.join(out, m)) for m in FLAGS.models}
   reporting.plot_curves(curves, os.path.join(out, "loss_curves.png"),
                         f"Training loss on {FLAGS.task}")
