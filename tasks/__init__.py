@@ -1,6 +1,6 @@
 """SeqIO tasks of st-moe (installed as `st_moe.tasks`); importing registers them all.
 
-Registered (names in README/docs/tasks.md): C4 span corruption, every downstream benchmark of the
+Registered (the table of tasks is in README.md): C4 span corruption, every downstream benchmark of the
 paper (SuperGLUE, ARC, WinoGrande, ANLI R3, XSum, CNN/DailyMail, closed-book QA) with T5's
 vocabulary, the embedded `st_moe_embedded_span_corruption` demo task with a local vocabulary, and
 the mixtures `st_moe_pretrain`, `st_moe_super_glue`, `st_moe_finetune`. Importing twice is safe.

@@ -217,7 +217,9 @@ class GinModelsTest(absltest.TestCase):
     gin.clear_config()
     model_graph.parse_gin(base + ["pretrain_c4.gin"], ["utils.run.train_steps = 10"], finalize=True)
     self.assertEqual(q("utils.run.sequence_length"), {"inputs": 512, "targets": 114})
-    self.assertEqual(q("MIXTURE_NAME"), "c4_v220_span_corruption")
+    self.assertEqual(q("MIXTURE_NAME"), "st_moe_pretrain")
+    import seqio  # pylint: disable=g-import-not-at-top
+    self.assertIn(q("MIXTURE_NAME"), seqio.MixtureRegistry.names())  # registered by import st_moe
     self.assertEqual(q("learning_rate_schedules.learning_rate_schedule_noam.warmup_steps"), 10000)
     self.assertEqual(q("learning_rate_schedules.learning_rate_schedule_noam.linear_decay_fraction"),
                      0.0)

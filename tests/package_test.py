@@ -20,6 +20,12 @@ VENV_BIN = os.path.dirname(sys.executable)
 
 class PackageTest(absltest.TestCase):
 
+  def test_bare_model_name_resolves_through_gin(self):
+    gin.clear_config()
+    self.addCleanup(gin.clear_config)
+    gin.parse_config_file("st_moe_32b.gin", skip_unknown=True)  # found by bare name
+    self.assertEqual(gin.query_parameter("%num_experts"), 64)
+
   def test_gin_search_path_registered(self):
     prefixes = gin.config._LOCATION_PREFIXES  # gin keeps its search path here.
     for path in st_moe.gin_search_paths():
@@ -63,6 +69,8 @@ class PackageTest(absltest.TestCase):
     repo_gins = sorted(
         os.path.relpath(os.path.join(d, f), os.path.join(REPO, "gin"))
         for d, _, fs in os.walk(os.path.join(REPO, "gin")) for f in fs if f.endswith(".gin"))
+    self.assertIn("models/st_moe_32b.gin", repo_gins)
+    self.assertIn("st_moe/tasks/data/pydoc_topics_2k.model", names)
     shipped = sorted(n[len("st_moe/gin/"):] for n in names
                      if n.startswith("st_moe/gin/") and n.endswith(".gin"))
     self.assertEqual(shipped, repo_gins)
