@@ -19,16 +19,24 @@ class ReportingTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "1 cells for 2 headers"):
       reporting.markdown_table(["a", "b"], [[1]])
 
-  def test_read_scalars_reads_tf2_summaries_last_value_wins(self):
+  def test_read_scalars_reads_both_summary_kinds_last_value_wins(self):
+    # Written as Event protos, which works whether or not another test switched TF to graph mode.
     with tempfile.TemporaryDirectory() as d:
-      writer = tf.summary.create_file_writer(d)
-      with writer.as_default():
-        for step, v in [(1, 3.0), (2, 2.5), (2, 2.0), (5, 1.0)]:
-          tf.summary.scalar("loss", v, step=step)
-        tf.summary.scalar("other", 7.0, step=1)
-      writer.flush()
+      writer = tf.compat.v1.summary.FileWriter(d)
+      for step, v, as_tensor in [(1, 3.0, False), (2, 2.5, True), (2, 2.0, False), (5, 1.0, True)]:
+        value = tf.compat.v1.Summary.Value(tag="loss")
+        if as_tensor:  # TF2 summaries (mtf's host call) store a scalar tensor
+          value.tensor.CopyFrom(tf.make_tensor_proto(np.float32(v)))
+        else:  # TF1 summaries (the Estimator's loss) store simple_value
+          value.simple_value = v
+        writer.add_summary(tf.compat.v1.Summary(value=[value]), global_step=step)
+      writer.add_summary(tf.compat.v1.Summary(
+          value=[tf.compat.v1.Summary.Value(tag="other", simple_value=7.0)]), global_step=1)
+      writer.close()
       got = reporting.read_scalars(d, tags={"loss"})
+      everything = reporting.read_scalars(d)
     self.assertEqual(set(got), {"loss"})
+    self.assertEqual(set(everything), {"loss", "other"})
     steps, values = got["loss"]
     np.testing.assert_array_equal(steps, [1, 2, 5])
     np.testing.assert_allclose(values, [3.0, 2.0, 1.0])
