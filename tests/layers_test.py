@@ -11,8 +11,11 @@ import tensorflow.compat.v1 as tf
 
 from st_moe import layers
 from st_moe import routing
+import graph_mode
 
-tf.disable_v2_behavior()
+
+setUpModule = graph_mode.enter
+tearDownModule = graph_mode.leave
 
 BATCH, LENGTH, D_MODEL = 2, 8, 6
 

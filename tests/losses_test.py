@@ -6,8 +6,11 @@ import tensorflow.compat.v1 as tf
 
 from st_moe import losses
 from st_moe import routing
+import graph_mode
 
-tf.disable_v2_behavior()
+
+setUpModule = graph_mode.enter
+tearDownModule = graph_mode.leave
 
 G, S, E = 3, 6, 4
 

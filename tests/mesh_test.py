@@ -13,8 +13,11 @@ import numpy as np
 import tensorflow.compat.v1 as tf
 
 from st_moe import layers
+import graph_mode
 
-tf.disable_v2_behavior()
+
+setUpModule = graph_mode.enter
+tearDownModule = graph_mode.leave
 
 BATCH, LENGTH, D_MODEL = 8, 8, 8
 

@@ -20,8 +20,8 @@ class ReportingTest(absltest.TestCase):
       reporting.markdown_table(["a", "b"], [[1]])
 
   def test_read_scalars_reads_both_summary_kinds_last_value_wins(self):
-    # Written as Event protos, which works whether or not another test switched TF to graph mode.
-    with tempfile.TemporaryDirectory() as d:
+    # Written as Event protos by a TF1 FileWriter, which needs a graph context (tests run eagerly).
+    with tempfile.TemporaryDirectory() as d, tf.Graph().as_default():
       writer = tf.compat.v1.summary.FileWriter(d)
       for step, v, as_tensor in [(1, 3.0, False), (2, 2.5, True), (2, 2.0, False), (5, 1.0, True)]:
         value = tf.compat.v1.Summary.Value(tag="loss")

@@ -12,8 +12,11 @@ import numpy as np
 import tensorflow.compat.v1 as tf
 
 from st_moe import routing
+import graph_mode
 
-tf.disable_v2_behavior()
+
+setUpModule = graph_mode.enter
+tearDownModule = graph_mode.leave
 
 G, S, E = 2, 8, 4
 

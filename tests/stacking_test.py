@@ -11,8 +11,11 @@ import tensorflow.compat.v1 as tf
 import st_moe  # pylint: disable=unused-import  (registers the st_moe.* gin names)
 from st_moe import layers
 from st_moe import stacking
+import graph_mode
 
-tf.disable_v2_behavior()
+
+setUpModule = graph_mode.enter
+tearDownModule = graph_mode.leave
 
 TINY_GIN = """
 SelfAttention.num_heads = 2

@@ -15,8 +15,11 @@ import numpy as np
 import tensorflow.compat.v1 as tf
 
 from st_moe import layers
+import graph_mode
 
-tf.disable_v2_behavior()
+
+setUpModule = graph_mode.enter
+tearDownModule = graph_mode.leave
 
 BATCH, LENGTH, D_MODEL, HIDDEN, EXPERTS = 4, 16, 8, 12, 4
 BALANCE_COEF, Z_COEF = 1e-2, 1e-3
