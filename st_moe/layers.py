@@ -23,6 +23,7 @@ k choices as mtf tensors [B..., L, K]; router probabilities [B..., L, E]; scalar
 lowers the graph and exports those tensors with `lowering.export_to_tf_tensor`.
 """
 import dataclasses
+import functools
 from typing import Dict, List
 
 import gin
@@ -93,6 +94,48 @@ def _check_activation(activation):
   return activation
 
 
+class ExpertEinsum(mtf.EinsumOperation):
+  """x [E, G, C, D_in] times kernel [E, D_in, D_out] -> [E, G, C, D_out], per expert.
+
+  Lowers like `mtf.einsum`; only the kernel gradient differs: mtf writes it as
+  einsum([dy, x]), which TF's CPU einsum computes as [E, D_out, D_in] and then transposes (the
+  size of the expert weights: 3.4x slower at 64 experts of 512 x 2048), while einsum([x, dy])
+  produces [E, D_in, D_out] directly. Same products and sums (the forward is untouched).
+  """
+
+  def gradient(self, grad_ys):
+    dy = grad_ys[0]
+    x, kernel = self.inputs
+    return [mtf.einsum([dy, kernel], output_shape=x.shape),
+            mtf.einsum([x, dy], output_shape=kernel.shape)]
+
+
+def expert_dense(x, reduced_dim, new_dim, experts_dim, variable_dtype, name):
+  """`mtf.layers.dense(x, new_dim, [reduced_dim], expert_dims=[experts_dim], use_bias=False)`.
+
+  Same variable (`<name>/kernel` [E, reduced, new], mtf's default initialiser) and forward
+  arithmetic, built on `ExpertEinsum`.
+
+  Args:
+    x: [E, G, C, reduced_dim] expert buffers.
+    reduced_dim, new_dim: input and output feature dimensions.
+    experts_dim: E.
+    variable_dtype: mtf.VariableDType of the kernel.
+    name: variable scope of the kernel.
+
+  Returns:
+    [E, G, C, new_dim] in x's dtype.
+  """
+  kernel = mtf.layers.get_dense_kernel_weights(
+      x, [new_dim], [reduced_dim], [experts_dim], None, name, variable_dtype)
+  output_shape = mtf.Shape([d for d in x.shape.dims if d != reduced_dim] + [new_dim])
+  with tf.variable_scope(name):
+    y = ExpertEinsum([x, kernel], output_shape, name="einsum").outputs[0]
+    if mtf.layers.unit_scaling_convention():
+      y *= reduced_dim.size ** -0.5
+  return y
+
+
 @gin.configurable(module="st_moe")
 class SparseFFN(transformer.TransformerLayer):
   """ST-MoE sparse FFN: float32 router, top-k dispatch with capacity, GEGLU experts."""
@@ -120,7 +163,7 @@ class SparseFFN(transformer.TransformerLayer):
                expert_dropout_rate=0.0,
                multiplicative_bias=False,
                experts_dim_name="experts",
-               dispatch="einsum",
+               dispatch="gather",
                print_metrics=False):
     """Records and checks the settings.
 
@@ -148,8 +191,10 @@ class SparseFFN(transformer.TransformerLayer):
         separate from the model's dropout).
       multiplicative_bias: a learned [E, H] vector, initialised to ones, scales the hidden layer.
       experts_dim_name: name of the experts dimension of the expert weights (for layout rules).
-      dispatch: how tokens move to the expert buffers and back: "einsum" (MTF's one-hot matrix
-        products) or "gather" (index gather/scatter; same results, see st_moe.dispatch).
+      dispatch: how tokens move to the expert buffers and back: "gather" (index gather/scatter,
+        the default: no S x E x C matrix products, fastest on CPU, see docs/performance.md) or
+        "einsum" (MTF's one-hot matrix products, the TPU-friendly form; bind
+        `st_moe.SparseFFN.dispatch = "einsum"` for TPU runs). Same results (st_moe.dispatch).
       print_metrics: print `st_moe_router[<name>][<z_loss>][<fraction dropped>]` every step
         (read by `st_moe.runner`).
 
@@ -305,12 +350,22 @@ class SparseFFN(transformer.TransformerLayer):
     return y
 
   def _experts(self, context, expert_inputs, experts_dim, model_dim):
-    """GEGLU (or any activation product) experts, no biases: [E, G, C, M] -> [E, G, C, M]."""
+    """GEGLU (or any activation product) experts, no biases: [E, G, C, M] -> [E, G, C, M].
+
+    The same variables (`wi_0/kernel`, `wi_1/kernel`, `wo/kernel`, or `wi/kernel` with one
+    activation), initialisers and arithmetic as `mtf.layers.dense_product` / `dense`; only the
+    kernel gradients are ordered differently (`ExpertEinsum`).
+    """
     hidden_dim = mtf.Dimension("expert_hidden", self.hidden_size)
-    h = mtf.layers.dense_product(
-        expert_inputs, reduced_dims=[model_dim], new_dims=[hidden_dim],
-        expert_dims=[experts_dim], activation_functions=self.activation, use_bias=False,
-        variable_dtype=context.variable_dtype, name="wi")  # [E, G, C, H]
+    factors = []
+    for i, activation in enumerate(self.activation):
+      name = f"wi_{i}" if len(self.activation) > 1 else "wi"
+      factor = expert_dense(expert_inputs, model_dim, hidden_dim, experts_dim,
+                            context.variable_dtype, name)  # [E, G, C, H]
+      if activation != "linear":
+        factor = (getattr(mtf, activation) if isinstance(activation, str) else activation)(factor)
+      factors.append(factor)
+    h = functools.reduce(mtf.multiply, factors)
     if self.multiplicative_bias:
       bias = mtf.get_variable(
           expert_inputs.mesh, "multiplicative_bias", mtf.Shape([experts_dim, hidden_dim]),
@@ -318,9 +373,8 @@ class SparseFFN(transformer.TransformerLayer):
       h *= mtf.cast(bias, h.dtype)
     if context.train and self.expert_dropout_rate > 0.0:
       h = mtf.dropout(h, context.train, keep_prob=1.0 - self.expert_dropout_rate)
-    return mtf.layers.dense(
-        h, model_dim, reduced_dims=[hidden_dim], expert_dims=[experts_dim], use_bias=False,
-        variable_dtype=context.variable_dtype, name="wo")  # [E, G, C, M]
+    return expert_dense(h, hidden_dim, model_dim, experts_dim, context.variable_dtype,
+                        "wo")  # [E, G, C, M]
 
   def _add_losses_and_metrics(self, context, result, experts_dim, group_dim, nonpadding):
     """One context.losses entry per loss; summaries under `<scope>/router/`; returns metrics."""

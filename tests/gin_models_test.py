@@ -167,12 +167,16 @@ class GinModelsTest(absltest.TestCase):
         self.assertIn("# Provides:", header, path)
         self.assertIn("# Requires:", header, path)
 
-  def test_layouts_bind_mesh_and_rules_only(self):
+  def test_layouts_bind_mesh_rules_and_dispatch_only(self):
     for path in _gin_files("layouts"):
       with open(path) as f:
-        bindings = [l.split("=")[0].strip() for l in f
-                    if l.strip() and not l.startswith("#")]
-      self.assertEqual(sorted(bindings), ["utils.run.layout_rules", "utils.run.mesh_shape"], path)
+        bindings = dict(l.split("=", 1) for l in f if l.strip() and not l.startswith("#"))
+      bindings = {k.strip(): v.strip() for k, v in bindings.items()}
+      self.assertEqual(sorted(bindings), ["st_moe.SparseFFN.dispatch", "utils.run.layout_rules",
+                                          "utils.run.mesh_shape"], path)
+      # The one-hot einsum dispatch on TPU (dense matrix products), gather on CPU.
+      expected = '"gather"' if os.path.basename(path) == "cpu.gin" else '"einsum"'
+      self.assertEqual(bindings["st_moe.SparseFFN.dispatch"], expected, path)
 
   def test_bare_name_collisions_with_t5_and_mesh_tensorflow(self):
     ours = set()
