@@ -88,15 +88,24 @@ def vocab_size():
   return seqio.get_mixture_or_task(FLAGS.task).output_features["targets"].vocabulary.vocab_size
 
 
-def count_params(model):
-  """total params and FLOPs/token (at the demo's lengths) from tools/count_params.py --json."""
-  cmd = [sys.executable, os.path.join(REPO, "tools", "count_params.py"), "--json",
-         f"--gin_file={model}.gin", f"--vocab_size={vocab_size()}",
-         f"--gin_param=utils.run.sequence_length={sequence_length()!r}"]
+def count_params(model, cache_path):
+  """total params and FLOPs/token (at the demo's lengths) from tools/count_params.py --json.
+
+  Cached in `cache_path` together with the count's arguments; reused only for the same arguments.
+  """
+  args = [f"--gin_file={model}.gin", f"--vocab_size={vocab_size()}",
+          f"--gin_param=utils.run.sequence_length={sequence_length()!r}"]
+  args += [f"--gin_param={p}" for p in FLAGS.extra_gin_param]
+  cached = read_json(cache_path)
+  if cached and cached.get("args") == args:
+    return cached["counts"]
+  cmd = [sys.executable, os.path.join(REPO, "tools", "count_params.py"), "--json"] + args
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if proc.returncode != 0:
     raise RuntimeError(f"count_params failed for {model}:\n{proc.stderr[-3000:]}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  counts = json.loads(proc.stdout.strip().splitlines()[-1])
+  write_json(cache_path, {"args": args, "counts": counts})
+  return counts
 
 
 def read_json(path):
@@ -227,8 +236,7 @@ def main(argv):
   print(f"st-moe demo: output in {out}", flush=True)
   counts = {}
   for model in FLAGS.models:
-    counts[model] = read_json(os.path.join(out, f"{model}.count.json")) or count_params(model)
-    write_json(os.path.join(out, f"{model}.count.json"), counts[model])
+    counts[model] = count_params(model, os.path.join(out, f"{model}.count.json"))
     print(f"[{model}] {counts[model]['total_params']:,} parameters, "
           f"{counts[model]['flops_per_token']:,} FLOPs/token", flush=True)
   trained, evals = {}, {}
