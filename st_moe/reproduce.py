@@ -149,19 +149,6 @@ def common_params(config: Config, seed):
           f"st_moe.seeded_train_dataset_fn.seed = {seed}"] + list(config.extra_gin_params)
 
 
-def read_json(path):
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
-  return None
-
-
-def write_json(path, value):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-
-
 @dataclasses.dataclass
 class Run:
   """One training run of a table and what was learned about it."""
@@ -188,7 +175,7 @@ def train(run: Run, config: Config, show=print):
   done_path = os.path.join(run.model_dir, "train_done.json")
   div_path = os.path.join(run.model_dir, "diverged.json")
   for path in (done_path, div_path):
-    done = read_json(path)
+    done = runner.read_json(path)
     if done and done.get("train_steps") == config.steps:
       show(f"[{run.run_id}] already {'trained' if path == done_path else 'diverged'} "
            f"(delete {path} to rerun)")
@@ -222,9 +209,9 @@ def train(run: Run, config: Config, show=print):
   run.summary = summary
   if result.diverged:
     show(f"[{run.run_id}] DIVERGED: {result.diverged.reason}; counted as unstable")
-    write_json(div_path, summary)
+    runner.write_json(div_path, summary)
   elif result.returncode == 0:
-    write_json(done_path, summary)
+    runner.write_json(done_path, summary)
   else:
     raise RuntimeError(f"[{run.run_id}] training failed (exit {result.returncode}); log: "
                        f"{result.log_path}")
@@ -235,7 +222,7 @@ def evaluate(run: Run, config: Config, eval_capacity_factor, show=print):
   """Negative log perplexity on the validation split at the last checkpoint (cached per factor)."""
   step = runner.latest_checkpoint_step(run.model_dir)
   path = os.path.join(run.model_dir, f"eval_cf{eval_capacity_factor:g}.json")
-  cached = read_json(path)
+  cached = runner.read_json(path)
   if cached and cached.get("step") == step and cached.get("eval_steps") == config.eval_steps:
     return cached
   show(f"[{run.run_id}] evaluating step {step} at eval capacity factor {eval_capacity_factor:g}")
@@ -261,7 +248,7 @@ def evaluate(run: Run, config: Config, eval_capacity_factor, show=print):
              "neg_log_perplexity": found[-1][1].get("neg_log_perplexity"),
              "eval_fraction_dropped": sum(dropped) / len(dropped) if dropped else None,
              "command": runner.shell_quote(result.command)}
-  write_json(path, summary)
+  runner.write_json(path, summary)
   return summary
 
 
@@ -501,7 +488,7 @@ def trace_routing(run: Run, config: Config, trace_dir, show=print):
   json_path = os.path.join(trace_dir, "routing.json")
   meta_path = os.path.join(trace_dir, "trace_meta.json")
   step = runner.latest_checkpoint_step(run.model_dir)
-  meta = read_json(meta_path)
+  meta = runner.read_json(meta_path)
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   model_files = [g for g in run.gin_files if g not in ("dataset.gin",)]
   cmd = [sys.executable, os.path.join(repo, "tools", "trace_routing.py")]
@@ -516,7 +503,7 @@ def trace_routing(run: Run, config: Config, trace_dir, show=print):
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
       raise RuntimeError(f"trace_routing failed for {run.run_id}:\n{proc.stderr[-3000:]}")
-    write_json(meta_path, {"step": step})
+    runner.write_json(meta_path, {"step": step})
   with open(json_path) as f:
     layers = json.load(f)
   return {"layers": layers, "command": runner.shell_quote(cmd)}

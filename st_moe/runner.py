@@ -12,6 +12,7 @@ Lines parsed from the run's output:
 Re-running into the same model_dir resumes from its last checkpoint (the Estimator restores it).
 """
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -247,3 +248,19 @@ def tokens_per_step(batch_size, sequence_length: Dict[str, int]):
 def format_seconds(seconds):
   return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
+
+def read_json(path):
+  """A run's bookkeeping file (a summary, a cached count), or None when it is not there."""
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return None
+
+
+def write_json(path, value):
+  """Writes `value` to `path` atomically: an interrupted write never leaves a half file behind."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)

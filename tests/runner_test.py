@@ -84,6 +84,15 @@ class ProgressParserTest(absltest.TestCase):
           f.write("\n".join(lines) + "\n")
       self.assertEqual(runner.steps_and_losses(d), ([1, 2, 3], [5.0, 3.9, 3.0]))
 
+  def test_json_bookkeeping_round_trips_and_leaves_no_temporary_file(self):
+    with tempfile.TemporaryDirectory() as d:
+      path = os.path.join(d, "run", "train_done.json")
+      self.assertIsNone(runner.read_json(path))
+      runner.write_json(path, {"train_steps": 400, "diverged": None})
+      runner.write_json(path, {"train_steps": 800, "diverged": None})  # replaced whole
+      self.assertEqual(runner.read_json(path), {"train_steps": 800, "diverged": None})
+      self.assertEqual(os.listdir(os.path.dirname(path)), ["train_done.json"])
+
   def test_tokens_per_step(self):
     self.assertEqual(runner.tokens_per_step(8, {"inputs": 64, "targets": 16}), 640)
 

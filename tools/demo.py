@@ -96,7 +96,7 @@ def count_params(model, cache_path):
   args = [f"--gin_file={model}.gin", f"--vocab_size={vocab_size()}",
           f"--gin_param=utils.run.sequence_length={sequence_length()!r}"]
   args += [f"--gin_param={p}" for p in FLAGS.extra_gin_param]
-  cached = read_json(cache_path)
+  cached = runner.read_json(cache_path)
   if cached and cached.get("args") == args:
     return cached["counts"]
   cmd = [sys.executable, os.path.join(REPO, "tools", "count_params.py"), "--json"] + args
@@ -104,26 +104,16 @@ def count_params(model, cache_path):
   if proc.returncode != 0:
     raise RuntimeError(f"count_params failed for {model}:\n{proc.stderr[-3000:]}")
   counts = json.loads(proc.stdout.strip().splitlines()[-1])
-  write_json(cache_path, {"args": args, "counts": counts})
+  runner.write_json(cache_path, {"args": args, "counts": counts})
   return counts
 
 
-def read_json(path):
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
-  return None
-
-
-def write_json(path, value):
-  with open(path, "w") as f:
-    json.dump(value, f, indent=2, sort_keys=True)
 
 
 def train(model, model_dir):
   """Trains to FLAGS.train_steps, resuming; returns a summary dict (cached once finished)."""
   done_path = os.path.join(model_dir, "train_done.json")
-  done = read_json(done_path)
+  done = runner.read_json(done_path)
   if done and done.get("train_steps") == FLAGS.train_steps:
     print(f"[{model}] already trained to step {FLAGS.train_steps} (delete {done_path} to retrain)")
     return done
@@ -148,7 +138,7 @@ def train(model, model_dir):
       "command": runner.shell_quote(result.command),
   }
   if result.ok:
-    write_json(done_path, summary)
+    runner.write_json(done_path, summary)
   elif result.diverged:
     print(f"[{model}] diverged: {result.diverged.reason}; reported, not continued", flush=True)
   else:
@@ -160,7 +150,7 @@ def train(model, model_dir):
 def evaluate(model, model_dir):
   """neg_log_perplexity on the validation split at the last checkpoint (cached)."""
   step = runner.latest_checkpoint_step(model_dir)
-  cached = read_json(os.path.join(model_dir, "eval.json"))
+  cached = runner.read_json(os.path.join(model_dir, "eval.json"))
   if cached and cached.get("step") == step:
     return cached
   print(f"[{model}] evaluating step {step} on {FLAGS.task}:validation", flush=True)
@@ -171,7 +161,7 @@ def evaluate(model, model_dir):
   if result.returncode != 0 or not found:
     raise RuntimeError(f"[{model}] evaluation failed; log: {result.log_path}")
   summary = {"step": found[-1][0], **found[-1][1], "command": runner.shell_quote(result.command)}
-  write_json(os.path.join(model_dir, "eval.json"), summary)
+  runner.write_json(os.path.join(model_dir, "eval.json"), summary)
   return summary
 
 
@@ -179,7 +169,7 @@ def trace(model_dir, out_dir):
   """Routing trace of the sparse model (tools/trace_routing.py); returns its markdown."""
   md_path = os.path.join(out_dir, "routing.md")
   step = runner.latest_checkpoint_step(model_dir)
-  meta = read_json(os.path.join(out_dir, "trace_meta.json"))
+  meta = runner.read_json(os.path.join(out_dir, "trace_meta.json"))
   if not (meta and meta.get("step") == step and os.path.exists(md_path)):
     cmd = [sys.executable, os.path.join(REPO, "tools", "trace_routing.py"),
            f"--gin_file={SPARSE_MODEL}.gin", "--gin_file=cpu.gin", f"--model_dir={model_dir}",
@@ -188,7 +178,7 @@ def trace(model_dir, out_dir):
            f"--capacity_factor={FLAGS.eval_capacity_factor}", f"--out={out_dir}"] + [f"--gin_param={p}" for p in FLAGS.extra_gin_param]
     print("[trace] " + runner.shell_quote(cmd), flush=True)
     subprocess.run(cmd, check=True)
-    write_json(os.path.join(out_dir, "trace_meta.json"), {"step": step})
+    runner.write_json(os.path.join(out_dir, "trace_meta.json"), {"step": step})
   with open(md_path) as f:
     text = f.read()
   # The report sits one folder up: point its image links into the routing folder.
