@@ -15,6 +15,7 @@ Seeds: st_moe.seeded_train_dataset_fn takes the seed for the SeqIO shuffle and t
 the same seed gives the same data order (and the same initialisation where the graphs match) in
 every variant.
 """
+import concurrent.futures
 import csv
 import dataclasses
 import json
@@ -22,6 +23,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from st_moe import divergence
@@ -91,6 +93,7 @@ class Config:
   eval_capacity_factors: Tuple[float, ...] = CAPACITY_FACTORS
   extra_gin_params: Tuple[str, ...] = ()
   tpu_flags: Tuple[str, ...] = ()  # passed to t5_mesh_transformer at scales l and 32b
+  jobs: int = 1  # runs trained at once (each is its own t5_mesh_transformer process)
 
   def sequence_length(self):
     return {"inputs": self.inputs_length, "targets": self.targets_length}
@@ -109,6 +112,7 @@ def validate(table, config: Config):
       ("--eval_steps", config.eval_steps, config.eval_steps >= 1, "an integer >= 1"),
       ("--checkpoint_every", config.checkpoint_every, config.checkpoint_every >= 1,
        "an integer >= 1"),
+      ("--jobs", config.jobs, config.jobs >= 1, "an integer >= 1 (runs trained at once)"),
   ]
   unknown = [v for v in config.variants if v not in STABILITY_VARIANTS]
   checks.append(("--variants", ",".join(unknown) or ",".join(config.variants),
@@ -305,27 +309,66 @@ def write_table(out, name, headers, rows, intro, runs: Sequence[Run], extra_md="
   return os.path.join(out, f"{name}.md")
 
 
+def each_run(runs: Sequence[Run], prepare, jobs, show=print):
+  """prepare(run, show) for every run, `jobs` at a time; returns the results in the runs' order.
+
+  A tiny run spends most of its wall time in one Python thread (building and lowering the mtf
+  graph, writing checkpoints' meta graphs), so two runs side by side on two cores take little more
+  than one. With jobs > 1 every line shown is prefixed with its run's id; the first failure cancels
+  the runs not yet started and is raised once the running ones end.
+  """
+  if jobs <= 1 or len(runs) <= 1:
+    return [prepare(run, show) for run in runs]
+  lock = threading.Lock()
+
+  def show_for(run):
+    def show_line(line):
+      tag = f"[{run.run_id}]"
+      with lock:
+        show(line if line.startswith(tag) else f"{tag} {line}")
+    return show_line
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+    futures = [pool.submit(prepare, run, show_for(run)) for run in runs]
+    try:
+      return [f.result() for f in futures]
+    except BaseException:
+      for f in futures:
+        f.cancel()
+      raise
+
+
 def stability(config: Config, show=print):
   """The stability study table; returns the markdown path."""
   out = os.path.join(config.out, "stability")
   runs_dir = os.path.join(config.out, "runs")
-  runs, rows, curves = [], [], {}
+  plan = {(variant, seed): Run(f"stability_{variant}_seed{seed}",
+                               model_gin_files(config, "stability"),
+                               common_params(config, seed) + STABILITY_VARIANTS[variant][1],
+                               os.path.join(runs_dir, f"stability_{variant}_seed{seed}"))
+          for variant in config.variants for seed in range(config.seeds)}
+
+  def prepare(run, show_line):
+    train(run, config, show_line)
+    if run.diverged:
+      return None
+    ev = evaluate(run, config, _default_eval_cf(config), show_line)
+    run.summary["eval_command"] = ev["command"]
+    return ev["neg_log_perplexity"]
+
+  runs = list(plan.values())
+  quality = dict(zip(plan, each_run(runs, prepare, config.jobs, show)))
+  rows, curves = [], {}
   for variant in config.variants:
-    description, bindings, paper = STABILITY_VARIANTS[variant]
+    description, _, paper = STABILITY_VARIANTS[variant]
     stable_q, diverged_at = [], []
     for seed in range(config.seeds):
-      run_id = f"stability_{variant}_seed{seed}"
-      run = Run(run_id, model_gin_files(config, "stability"),
-                common_params(config, seed) + bindings, os.path.join(runs_dir, run_id))
-      train(run, config, show)
-      runs.append(run)
+      run = plan[(variant, seed)]
       curves[f"{variant} s{seed}"] = runner.steps_and_losses(run.model_dir)
       if run.diverged:
         diverged_at.append(f"seed {seed} at step {run.summary.get('diverged_step')}")
-        continue
-      ev = evaluate(run, config, _default_eval_cf(config), show)
-      run.summary["eval_command"] = ev["command"]
-      stable_q.append(ev["neg_log_perplexity"])
+      else:
+        stable_q.append(quality[(variant, seed)])
     mean, std = _mean_std(stable_q)
     rows.append([variant, description, f"{len(stable_q)}/{config.seeds}", _pm(mean, std),
                  "; ".join(diverged_at) or "none", paper[0], paper[1]])
@@ -355,25 +398,30 @@ def capacity(config: Config, show=print):
   """Train x eval capacity factor grid: quality, fraction dropped, step time."""
   out = os.path.join(config.out, "capacity")
   runs_dir = os.path.join(config.out, "runs")
-  runs, rows = [], []
-  heat = []
+  plan = {(train_cf, seed): _capacity_run(config, train_cf, seed, runs_dir)
+          for train_cf in config.train_capacity_factors for seed in range(config.seeds)}
+
+  def prepare(run, show_line):
+    train(run, config, show_line)
+    if run.diverged:
+      return {}
+    evals = {}
+    for eval_cf in config.eval_capacity_factors:
+      evals[eval_cf] = evaluate(run, config, eval_cf, show_line)
+      run.summary[f"eval_command_cf{eval_cf:g}"] = evals[eval_cf]["command"]
+    return evals
+
+  runs = list(plan.values())
+  evals = dict(zip(plan, each_run(runs, prepare, config.jobs, show)))
+  rows, heat = [], []
   for train_cf in config.train_capacity_factors:
-    seed_runs = []
-    for seed in range(config.seeds):
-      run = _capacity_run(config, train_cf, seed, runs_dir)
-      train(run, config, show)
-      runs.append(run)
-      seed_runs.append(run)
+    seed_runs = [plan[(train_cf, seed)] for seed in range(config.seeds)]
     heat_row = []
     for eval_cf in config.eval_capacity_factors:
-      quality, dropped = [], []
-      for run in seed_runs:
-        if run.diverged:
-          continue
-        ev = evaluate(run, config, eval_cf, show)
-        run.summary[f"eval_command_cf{eval_cf:g}"] = ev["command"]
-        quality.append(ev["neg_log_perplexity"])
-        dropped.append(ev["eval_fraction_dropped"])
+      found = [evals[(train_cf, seed)][eval_cf] for seed in range(config.seeds)
+               if eval_cf in evals[(train_cf, seed)]]
+      quality = [ev["neg_log_perplexity"] for ev in found]
+      dropped = [ev["eval_fraction_dropped"] for ev in found]
       q_mean, q_std = _mean_std(quality)
       d_mean, _ = _mean_std(dropped)
       t_mean, _ = _mean_std([r.summary.get("step_seconds") for r in seed_runs])
@@ -397,7 +445,8 @@ def capacity(config: Config, show=print):
            f"negative log perplexity on the validation split ({config.eval_steps} batches). "
            "Dropped: fraction of (token, expert) assignments over capacity, mean over the sparse "
            "layers, in evaluation at the eval factor and (last quarter of) training at the train "
-           "factor. Step time: seconds per training step from tokens/s (CPU, shared machine). "
+           f"factor. Step time: seconds per training step from tokens/s ({config.jobs} run(s) "
+           "at once on a shared machine: compare the rows with each other). "
            "Paper step time: ST-MoE-L on TPU (2.397 s at 1.25, 2.447 s at 2.0; none given "
            "for 1.0).")
   headers = ["train CF", "eval CF", "quality", "dropped % (eval)", "dropped % (train)",
@@ -416,17 +465,20 @@ def entropy(config: Config, show=print, trace_fn=None):
   """Router entropy per sparse layer (encoder, decoder) of the default model, with ln E."""
   out = os.path.join(config.out, "entropy")
   runs_dir = os.path.join(config.out, "runs")
-  runs, per_seed = [], []
-  for seed in range(config.seeds):
-    run = _capacity_run(config, 1.25, seed, runs_dir)  # the default model: shared with capacity
-    train(run, config, show)
-    runs.append(run)
+  runs = [_capacity_run(config, 1.25, seed, runs_dir)  # the default model: shared with capacity
+          for seed in range(config.seeds)]
+
+  def prepare(run, show_line):
+    train(run, config, show_line)
     if run.diverged:
-      continue
-    trace_dir = os.path.join(out, f"trace_seed{seed}")
-    summaries = (trace_fn or trace_routing)(run, config, trace_dir, show)
+      return None
+    seed = runs.index(run)
+    summaries = (trace_fn or trace_routing)(run, config, os.path.join(out, f"trace_seed{seed}"),
+                                            show_line)
     run.summary["eval_command_trace"] = summaries["command"]
-    per_seed.append(summaries["layers"])
+    return summaries["layers"]
+
+  per_seed = [layers for layers in each_run(runs, prepare, config.jobs, show) if layers]
   if not per_seed:
     raise RuntimeError("entropy: every run diverged; nothing to trace")
   by_stack = {"encoder": [], "decoder": []}

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 
 from absl.testing import absltest
 import numpy as np
@@ -169,6 +171,7 @@ class SettingsTest(absltest.TestCase):
         ("capacity", {"train_capacity_factors": (1.0, -2.0)}, "--train_capacity_factors"),
         ("stability", {"scale": "xl"}, "--scale='xl'"),
         ("stability", {"scale": "l"}, "--tpu"),
+        ("capacity", {"jobs": 0}, "--jobs=0"),
     ):
       with self.assertRaisesRegex(ValueError, needle.replace("(", r"\(").replace("[", r"\[")):
         reproduce.validate(table, reproduce.Config(**changes))
@@ -179,6 +182,52 @@ class SettingsTest(absltest.TestCase):
       z = [b for b in bindings if b.startswith("router_z_loss_coef")]
       self.assertEqual(z, ["router_z_loss_coef = 0.001" if name == "router_z_loss"
                            else "router_z_loss_coef = 0.0"])
+
+
+class EachRunTest(absltest.TestCase):
+  """Runs side by side (--jobs): all started at once, results in the runs' order, lines tagged."""
+
+  def _runs(self, n):
+    return [reproduce.Run(f"r{i}", [], [], f"/nonexistent/r{i}") for i in range(n)]
+
+  def test_two_jobs_overlap_and_keep_order(self):
+    barrier = threading.Barrier(2, timeout=20)  # broken unless two runs are in flight together
+    lines = []
+
+    def prepare(run, show):
+      barrier.wait()
+      time.sleep(0.2 if run.run_id == "r0" else 0.0)  # r0 finishes last
+      show("[train] step 1")
+      show(f"[{run.run_id}] done")
+      return run.run_id.upper()
+
+    self.assertEqual(reproduce.each_run(self._runs(2), prepare, 2, lines.append), ["R0", "R1"])
+    self.assertCountEqual(lines, ["[r0] [train] step 1", "[r1] [train] step 1", "[r0] done",
+                                  "[r1] done"])
+
+  def test_one_job_runs_one_at_a_time(self):
+    active, peak = [0], [0]
+
+    def prepare(run, show):
+      del show
+      active[0] += 1
+      peak[0] = max(peak[0], active[0])
+      time.sleep(0.05)
+      active[0] -= 1
+      return run.run_id
+
+    self.assertEqual(reproduce.each_run(self._runs(3), prepare, 1, print), ["r0", "r1", "r2"])
+    self.assertEqual(peak[0], 1)
+
+  def test_a_failing_run_is_raised(self):
+    def prepare(run, show):
+      del show
+      if run.run_id == "r1":
+        raise RuntimeError("training failed for r1")
+      return run.run_id
+
+    with self.assertRaisesRegex(RuntimeError, "r1"):
+      reproduce.each_run(self._runs(3), prepare, 2, print)
 
 
 class SeedingAndNormTest(absltest.TestCase):
