@@ -3,11 +3,13 @@
 Importing this package (as `t5_mesh_transformer --module_import=st_moe` does) registers:
   * the project's gin folder on gin's search path, so `--gin_file=st_moe_32b.gin` resolves by name;
   * the gin-configurable layers and helpers of `st_moe`;
-  * the SeqIO tasks of `st_moe.tasks`.
+  * the SeqIO tasks of `st_moe.tasks`;
+  * resource variables (see `use_resource_variables`).
 """
 import os
 
 import gin
+import tensorflow.compat.v1 as tf
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -41,6 +43,26 @@ def register_gin_search_paths():
 
 
 register_gin_search_paths()
+
+
+def use_resource_variables():
+  """Turns TF1 resource variables back on (t5_mesh_transformer's tf.disable_v2_behavior() turns
+  them off), unless the environment sets ST_MOE_REF_VARIABLES=1. Returns whether they are on.
+
+  Why: mesh_tensorflow's train op groups every variable's update with no ordering against the
+  backward pass. With reference variables a read aliases the variable's buffer, so a gradient
+  still being computed can see weights another update has already written, and two runs of the
+  same seed on the CPU differ from the first update on (their step-1 Adafactor statistics differed
+  by up to 3.5x here). Resource variables read a consistent snapshot: the same seed then gives
+  bit-identical checkpoints (tests/determinism_test.py).
+  """
+  if os.environ.get("ST_MOE_REF_VARIABLES") == "1":
+    return tf.resource_variables_enabled()
+  tf.enable_resource_variables()
+  return True
+
+
+use_resource_variables()
 
 # Gin configurables of the sparse layers: st_moe.SparseFFN, st_moe.sparse_layer_stack.
 from st_moe import losses  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -230,6 +230,36 @@ class EachRunTest(absltest.TestCase):
       reproduce.each_run(self._runs(3), prepare, 2, print)
 
 
+class SameSeedSameRunTest(absltest.TestCase):
+  """Two trainings of one seed, side by side, end bit-identical (losses and every variable).
+
+  This fails with reference variables (ST_MOE_REF_VARIABLES=1): mesh_tensorflow's unordered
+  update ops then race the backward pass and the step-1 Adafactor statistics already differ.
+  """
+
+  def test_two_runs_of_one_seed_are_identical(self):
+    import tensorflow.compat.v1 as tf  # pylint: disable=g-import-not-at-top
+    out = tempfile.mkdtemp(prefix="same_seed_test_")
+    config = reproduce.Config(out=out, **dict(SMALL, steps=3, checkpoint_every=3))
+    params = (reproduce.common_params(config, 0)
+              + reproduce.STABILITY_VARIANTS["baseline"][1])
+    runs = [reproduce.Run(f"copy{i}", reproduce.model_gin_files(config, "stability"), params,
+                          os.path.join(out, f"copy{i}")) for i in range(2)]
+    reproduce.each_run(runs, lambda run, show: reproduce.train(run, config, show), jobs=2,
+                       show=lambda line: None)
+    curves = [runner.steps_and_losses(run.model_dir) for run in runs]
+    self.assertEqual(curves[0][0], [1, 2, 3])
+    self.assertEqual(curves[0], curves[1])
+    readers = [tf.train.load_checkpoint(os.path.join(run.model_dir, "model.ckpt-3"))
+               for run in runs]
+    names = sorted(readers[0].get_variable_to_shape_map())
+    self.assertEqual(names, sorted(readers[1].get_variable_to_shape_map()))
+    self.assertTrue(any(n.endswith("_slot_v") for n in names), names)
+    for name in names:
+      np.testing.assert_array_equal(readers[0].get_tensor(name), readers[1].get_tensor(name),
+                                    err_msg=name)
+
+
 class SeedingAndNormTest(absltest.TestCase):
 
   def test_same_seed_same_data_order(self):
