@@ -383,12 +383,10 @@ def stability(config: Config, show=print):
            "loss NaN/inf, or above running_min + max(1.0, 0.5 |running_min|) for 3 consecutive "
            "observations after the first 5 (st_moe/divergence.py); diverged runs are stopped and "
            "listed. Paper columns: ST-MoE Table 3 (32 experts, 6 seeds for the baseline).")
-  if not config.tpu_flags:
-    intro += (" On the CPU the runs are not bit-reproducible: a seed fixes the data and the "
-              "initial weights (the step-1 loss is identical every time), but TensorFlow's CPU "
-              "kernels round differently from one process to the next and this learning rate "
-              "amplifies that, so the same command can diverge at other steps or not at all. "
-              "Each cell is a sample: compare variants with more --seeds.")
+  intro += (" A seed fixes the data order and the initial weights, and with resource variables "
+            "(st_moe.use_resource_variables) a rerun of one seed on the CPU is bit-identical; "
+            "at this learning rate small differences between variants' graphs still grow "
+            "chaotically, so each cell is a sample: compare variants with more --seeds.")
   headers = ["variant", "change", "stable runs", "quality (ours)", "diverged runs",
              "stable runs (paper)", "quality (paper)"]
   return write_table(out, "stability", headers, rows, intro, runs,

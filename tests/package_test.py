@@ -35,6 +35,18 @@ class PackageTest(absltest.TestCase):
     for sub in ("models", "layouts", "runs"):
       self.assertIn(os.path.join(st_moe.gin_dir(), sub), prefixes)
 
+  def test_resource_variables_back_on_after_disable_v2_behavior(self):
+    code = ("import os, sys; import tensorflow.compat.v1 as tf; tf.disable_v2_behavior(); "
+            "before = tf.resource_variables_enabled(); import st_moe; "
+            "print(before, tf.resource_variables_enabled(), "
+            "type(tf.get_variable('v', [1])).__name__)")
+    def run(env):
+      return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=dict(os.environ, **env), check=True).stdout.split()[-3:]
+    self.assertEqual(run({"ST_MOE_REF_VARIABLES": "0"}),
+                     ["False", "True", "ResourceVariable"])
+    self.assertEqual(run({"ST_MOE_REF_VARIABLES": "1"}), ["False", "False", "RefVariable"])
+
   def test_tasks_subpackage_imports_from_tasks_folder(self):
     import st_moe.tasks  # pylint: disable=g-import-not-at-top
     self.assertEqual(os.path.realpath(os.path.dirname(st_moe.tasks.__file__)),

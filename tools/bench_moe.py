@@ -417,6 +417,8 @@ def main(argv):
   del argv
   _check_flags()
   tf.disable_v2_behavior()
+  import st_moe  # pylint: disable=g-import-not-at-top,unused-import
+  # Resource variables (st_moe.use_resource_variables) for both layers, as in training.
   tf.logging.set_verbosity(tf.logging.WARN)
   run_from_flags()
 
