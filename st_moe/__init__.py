@@ -53,8 +53,10 @@ def use_resource_variables():
   backward pass. With reference variables a read aliases the variable's buffer, so a gradient
   still being computed can see weights another update has already written, and two runs of the
   same seed on the CPU differ from the first update on (their step-1 Adafactor statistics differed
-  by up to 3.5x here). Resource variables read a consistent snapshot: the same seed then gives
-  bit-identical checkpoints (tests/determinism_test.py).
+  by up to 3.5x here). Resource variables read a consistent snapshot: two runs of one seed are then
+  bit-identical (SameSeedSameRunTest in tests/reproduce_test.py). Not fixed here: Adafactor's decay
+  rate reads the global step unordered with its increment, a smaller race (README, "One seed, one
+  run").
   """
   if os.environ.get("ST_MOE_REF_VARIABLES") == "1":
     return tf.resource_variables_enabled()

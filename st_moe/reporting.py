@@ -102,6 +102,48 @@ def plot_curves(curves, path, title, ylabel="loss", xlabel="step", logy=False):
   return path
 
 
+def plot_panels(panels, path, title, ylabel="loss", xlabel="step", ylim=None, columns=4,
+                stopped=()):
+  """One small line plot per panel, sharing axes, saved as PNG.
+
+  Args:
+    panels: {panel title: {label: (steps, values)}}.
+    path: output file (.png); its folder is created.
+    ylim: (bottom, top) for every panel, or None; values beyond are clipped by the axes.
+    columns: panels per row.
+    stopped: (panel title, label) pairs whose curves end in an "x" (e.g. runs stopped as diverged).
+  """
+  plt = _pyplot()
+  rows = max(1, -(-len(panels) // columns))
+  fig, axes = plt.subplots(rows, columns, figsize=(3.0 * columns, 2.4 * rows + 0.6), dpi=110,
+                           sharex=True, sharey=True, squeeze=False)
+  stopped = set(stopped)
+  for ax, (name, curves) in zip(axes.flat, panels.items()):
+    for label, (steps, values) in curves.items():
+      line, = ax.plot(np.asarray(steps), np.asarray(values, dtype=np.float64), label=label,
+                      linewidth=1.2)
+      if len(steps) and (name, label) in stopped:
+        y = values[-1] if ylim is None else min(max(values[-1], ylim[0]), ylim[1])
+        ax.plot([steps[-1]], [y], marker="x", color=line.get_color(), markersize=8)
+    ax.set_title(name, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    if ylim is not None:
+      ax.set_ylim(*ylim)
+  for ax in list(axes.flat)[len(panels):]:
+    ax.axis("off")
+  for ax in axes[:, 0]:
+    ax.set_ylabel(ylabel)
+  for ax in axes[-1, :]:
+    ax.set_xlabel(xlabel)
+  fig.suptitle(title)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
 def plot_heatmap(matrix, row_labels, col_labels, path, title, value_format="{:.2f}", cmap="viridis"):
   """Heat map of a [rows, cols] matrix with each cell annotated, saved as PNG."""
   matrix = np.asarray(matrix, dtype=np.float64)

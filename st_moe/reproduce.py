@@ -358,22 +358,27 @@ def stability(config: Config, show=print):
 
   runs = list(plan.values())
   quality = dict(zip(plan, each_run(runs, prepare, config.jobs, show)))
-  rows, curves = [], {}
+  rows, panels, stopped = [], {}, []
   for variant in config.variants:
     description, _, paper = STABILITY_VARIANTS[variant]
+    curves = panels.setdefault(variant, {})
     stable_q, diverged_at = [], []
     for seed in range(config.seeds):
       run = plan[(variant, seed)]
-      curves[f"{variant} s{seed}"] = runner.steps_and_losses(run.model_dir)
+      curves[f"seed {seed}"] = runner.steps_and_losses(run.model_dir)
       if run.diverged:
         diverged_at.append(f"seed {seed} at step {run.summary.get('diverged_step')}")
+        stopped.append((variant, f"seed {seed}"))
       else:
         stable_q.append(quality[(variant, seed)])
     mean, std = _mean_std(stable_q)
     rows.append([variant, description, f"{len(stable_q)}/{config.seeds}", _pm(mean, std),
                  "; ".join(diverged_at) or "none", paper[0], paper[1]])
-  reporting.plot_curves(curves, os.path.join(out, "stability_curves.png"),
-                        f"Training loss per variant and seed ({config.scale})")
+  finite = [v for c in panels.values() for _, vs in c.values() for v in vs if math.isfinite(v)]
+  low = min(finite, default=0.0)
+  reporting.plot_panels(panels, os.path.join(out, "stability_curves.png"),
+                        f"Training loss per variant and seed ({config.scale}); x = stopped "
+                        "as diverged", ylim=(max(0.0, low - 0.5), low + 8.0), stopped=stopped)
   intro = (f"Scale `{config.scale}`, {config.seeds} seed(s) x {len(config.variants)} variants, "
            f"{config.steps} steps of {config.batch_size} x ({config.inputs_length} + "
            f"{config.targets_length}) tokens on `{config.task}`; quality = negative log "
@@ -384,9 +389,10 @@ def stability(config: Config, show=print):
            "observations after the first 5 (st_moe/divergence.py); diverged runs are stopped and "
            "listed. Paper columns: ST-MoE Table 3 (32 experts, 6 seeds for the baseline).")
   intro += (" A seed fixes the data order and the initial weights, and with resource variables "
-            "(st_moe.use_resource_variables) a rerun of one seed on the CPU is bit-identical; "
-            "at this learning rate small differences between variants' graphs still grow "
-            "chaotically, so each cell is a sample: compare variants with more --seeds.")
+            "(st_moe.use_resource_variables) the first steps of a rerun are bit-identical, but a "
+            "remaining upstream race (Adafactor's decay reads the global step unordered with its "
+            "increment) and this learning rate's chaos let a rerun part later: each cell is a "
+            "sample; compare variants with more --seeds.")
   headers = ["variant", "change", "stable runs", "quality (ours)", "diverged runs",
              "stable runs (paper)", "quality (paper)"]
   return write_table(out, "stability", headers, rows, intro, runs,

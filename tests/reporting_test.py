@@ -47,7 +47,11 @@ class ReportingTest(absltest.TestCase):
                                     os.path.join(d, "sub", "c.png"), "t")
       heat = reporting.plot_heatmap(np.eye(3), ["e0", "e1", "e2"], ["x", "y", "z"],
                                     os.path.join(d, "h.png"), "t")
-      for path in (curve, heat):
+      panels = reporting.plot_panels(
+          {"v1": {"s0": ([1, 2, 3], [5.0, 4.0, 3.0]), "s1": ([1, 2], [5.0, 90.0])},
+           "v2": {"s0": ([1, 2, 3], [5.0, 4.5, 4.0])}}, os.path.join(d, "p.png"), "t",
+          ylim=(2.0, 10.0), columns=4, stopped=[("v1", "s1")])
+      for path in (curve, heat, panels):
         with open(path, "rb") as f:
           self.assertEqual(f.read(8), PNG_MAGIC)
         self.assertGreater(os.path.getsize(path), 1000)

@@ -36,7 +36,8 @@ flags.DEFINE_integer("targets_length", None, "Decoder length (default: 16 at tin
 flags.DEFINE_integer("eval_steps", None, "Validation batches per evaluation (default: 5).")
 flags.DEFINE_integer("checkpoint_every", None, "Steps between checkpoints (resume granularity).")
 flags.DEFINE_integer("jobs", None, "Runs trained at once, each its own t5_mesh_transformer process "
-                     "(default: 2 at tiny scale on a machine with 2+ cores, else 1).")
+                     "(default: 1; for stability 2 at tiny scale on a machine with 2+ cores). "
+                     "capacity's step-time column compares runs, so it trains one at a time.")
 flags.DEFINE_string("task", reproduce.DEFAULT_TASK, "SeqIO task to train and evaluate on.")
 flags.DEFINE_integer("trace_tokens", 2048, "Tokens the routing tracer reads (entropy).")
 flags.DEFINE_list("variants", list(reproduce.STABILITY_VARIANTS), "Stability variants to run.")
@@ -48,7 +49,8 @@ flags.DEFINE_string("gcp_project", None, "GCP project of the TPU.")
 flags.DEFINE_string("tpu_zone", None, "Zone of the TPU.")
 
 # Defaults per scale: the tiny ones keep stability (3 seeds) within 30 min on 2 CPU cores. A tiny
-# run is mostly single-threaded graph building, so two run side by side there; a TPU takes one.
+# run is mostly single-threaded graph building, so two stability runs go side by side there; a TPU
+# takes one. capacity (and entropy, which reuses its run) times steps: one run at a time.
 SCALE_DEFAULTS = {
     "tiny": dict(steps=200, batch_size=16, inputs_length=64, targets_length=16, eval_steps=5,
                  checkpoint_every=100, jobs=min(2, os.cpu_count() or 1)),
@@ -86,7 +88,8 @@ def config_from_flags(table):
       train_capacity_factors=_floats("train_capacity_factors", FLAGS.train_capacity_factors),
       eval_capacity_factors=_floats("eval_capacity_factors", FLAGS.eval_capacity_factors),
       extra_gin_params=tuple(FLAGS.extra_gin_param), tpu_flags=tuple(tpu_flags),
-      jobs=pick("jobs"))
+      jobs=(FLAGS.jobs if FLAGS.jobs is not None else
+            defaults["jobs"] if table == "stability" else 1))
 
 
 def main(argv):
