@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional
 from st_moe import divergence as divergence_lib
 
 STEP_RE = re.compile(r"step, tf_loss\[([^\]]+)\]\[(\d+)\]")
+FIRST_STEP_TAG = "# st_moe.runner: first step "  # written under the command line of every log
 ROUTER_RE = re.compile(r"st_moe_router\[([^\]]+)\]\[([^\]]+)\]\[([^\]]+)\]")
 EVAL_RE = re.compile(r"Saving dict for global step (\d+): (.*)$")
 
@@ -83,8 +84,12 @@ class RunResult:
 class ProgressParser:
   """Turns output lines into (step, loss, router metrics) and a progress line now and then."""
 
-  def __init__(self, tokens_per_step, every=10, label="", monitor=None, clock=time.monotonic):
+  def __init__(self, tokens_per_step, every=10, label="", monitor=None, clock=time.monotonic,
+               first_step=None):
+    """first_step: the number of the first step line (the resumed checkpoint's step + 1); None
+    takes the step the line prints, which may be one lower (see feed)."""
     self.tokens_per_step = tokens_per_step
+    self.first_step = first_step
     self.every = every
     self.label = label
     self.monitor = monitor
@@ -113,9 +118,11 @@ class ProgressParser:
       return None
     loss, step = float(m.group(1)), int(m.group(2))
     if self.steps:
-      # mesh_tensorflow prints the global step read racing with its increment, so at the end of an
-      # iterations_per_loop it can show step n+1 twice and skip n: count lines after the first.
+      # mesh_tensorflow prints the global step read racing with its increment (it may show the
+      # step before or after it, and step n+1 twice): count lines after the first.
       step = self.steps[-1] + 1
+    elif self.first_step is not None:
+      step = self.first_step
     self.steps.append(step)
     self.losses.append(loss)
     self.step_times.append((self.clock(), step))
@@ -158,12 +165,15 @@ def run(model_dir, gin_files, gin_params=(), *, tokens_per_step, label="run", ev
     n += 1
   log_path = os.path.join(model_dir, "logs", f"{label}.{n}.log")
   cmd = command(model_dir, gin_files, gin_params, module_imports, extra_flags)
-  parser = ProgressParser(tokens_per_step, every=every, label=label, monitor=monitor)
+  first_step = (latest_checkpoint_step(model_dir) or 0) + 1
+  parser = ProgressParser(tokens_per_step, every=every, label=label, monitor=monitor,
+                          first_step=first_step)
   start = time.monotonic()
   run_env = dict(os.environ if env is None else env)
   run_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
   with open(log_path, "w") as log:
     log.write(shell_quote(cmd) + "\n")
+    log.write(f"{FIRST_STEP_TAG}{first_step}\n")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=run_env, bufsize=1)
     try:
@@ -230,11 +240,14 @@ def steps_and_losses(model_dir):
     return (parts[0], int(parts[1])) if len(parts) == 3 and parts[1].isdigit() else (name, 0)
   for name in sorted(os.listdir(logs_dir), key=attempt):
     with open(os.path.join(logs_dir, name)) as f:
-      step = None
+      step = first = None
       for line in f:
+        if line.startswith(FIRST_STEP_TAG):
+          first = int(line[len(FIRST_STEP_TAG):])
+          continue
         m = STEP_RE.search(line)
-        if m:
-          step = int(m.group(2)) if step is None else step + 1  # see ProgressParser.feed
+        if m:  # see ProgressParser.feed
+          step = (int(m.group(2)) if first is None else first) if step is None else step + 1
           by_step[step] = float(m.group(1))
   steps = sorted(by_step)
   return steps, [by_step[s] for s in steps]

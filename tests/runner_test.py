@@ -51,6 +51,13 @@ class ProgressParserTest(absltest.TestCase):
       p.feed(line)
     self.assertEqual(p.steps, [98, 99, 100, 101])
 
+  def test_first_step_given_overrides_the_racy_print(self):
+    # The first print may show the global step before its increment ("[0]" on a fresh run).
+    p = runner.ProgressParser(tokens_per_step=1, label="m", first_step=1)
+    for line in ["step, tf_loss[4.0][0]", "step, tf_loss[3.9][2]", "step, tf_loss[3.8][2]"]:
+      p.feed(line)
+    self.assertEqual(p.steps, [1, 2, 3])
+
   def test_divergence_is_reported_once_seen(self):
     p = runner.ProgressParser(100, monitor=divergence.DivergenceMonitor(), label="m")
     p.feed("step, tf_loss[4.0][1]")
@@ -83,6 +90,10 @@ class ProgressParserTest(absltest.TestCase):
         with open(os.path.join(d, "logs", f"train.{n}.log"), "w") as f:
           f.write("\n".join(lines) + "\n")
       self.assertEqual(runner.steps_and_losses(d), ([1, 2, 3], [5.0, 3.9, 3.0]))
+      # A log that records its first step wins over the step its first line prints.
+      with open(os.path.join(d, "logs", "train.2.log"), "w") as f:
+        f.write("cmd\n" + runner.FIRST_STEP_TAG + "4\nstep, tf_loss[2.5][3]\nstep, tf_loss[2.0][5]\n")
+      self.assertEqual(runner.steps_and_losses(d), ([1, 2, 3, 4, 5], [5.0, 3.9, 3.0, 2.5, 2.0]))
 
   def test_json_bookkeeping_round_trips_and_leaves_no_temporary_file(self):
     with tempfile.TemporaryDirectory() as d:

@@ -41,8 +41,12 @@ def _env():
 
 
 def _steps(log):
-  """Global steps of the per-step loss lines mesh_tensorflow prints: step, tf_loss[loss][step]."""
-  return sorted({int(s) for s in re.findall(r"tf_loss\[[-0-9.e]+\]\[(\d+)\]", log)})
+  """Global steps of the per-step loss lines mesh_tensorflow prints: step, tf_loss[loss][step].
+
+  mesh_tensorflow reads the global step for that print unordered with its increment, so a line
+  may show the step before or after it: callers check the count and the range.
+  """
+  return [int(s) for s in re.findall(r"tf_loss\[[-0-9.e]+\]\[(\d+)\]", log)]
 
 
 class TrainEntryPointTest(absltest.TestCase):
@@ -83,7 +87,9 @@ class TrainEntryPointTest(absltest.TestCase):
     self.assertIn("num_experts = 4", operative)
     self.assertIn("sparse_layer_stack.sparse_ffn_layer = @st_moe.SparseFFN", operative)
     self.assertIn("MIXTURE_NAME = 'st_moe_test_bytes_span_corruption'", operative)
-    self.assertEqual(_steps(log), [1, 2], log[-3000:])
+    steps = _steps(log)
+    self.assertLen(steps, 2, log[-3000:])
+    self.assertTrue(all(0 <= s <= 2 for s in steps), steps)
     losses = {float(x) for x in re.findall(r"Loss for final step: ([0-9]+\.[0-9]+)", log)}
     self.assertLen(losses, 1, log[-3000:])
     self.assertTrue(0.0 < losses.pop() < 100.0)
@@ -93,7 +99,10 @@ class TrainEntryPointTest(absltest.TestCase):
     self.assertTrue(os.path.exists(os.path.join(model_dir, "model.ckpt-4.index")),
                     os.listdir(model_dir))
     self.assertNotRegex(log, r"Saving checkpoints for 0 into")  # resumed, not restarted
-    self.assertEqual(_steps(log), [3, 4], log[-3000:])  # the global step continues
+    steps = _steps(log)  # the global step continues from 2
+    self.assertLen(steps, 2, log[-3000:])
+    self.assertTrue(all(2 <= s <= 4 for s in steps), steps)
+    self.assertRegex(log, r"Saving checkpoints for 4 into")
 
   def test_wrong_layout_fails_naming_the_dimension(self):
     _, stderr = self.wrong_layout.communicate(timeout=TIMEOUT)
