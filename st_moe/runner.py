@@ -109,6 +109,9 @@ class ProgressParser:
 
   def feed(self, line):
     """Consumes one output line; returns a progress line to show, or None."""
+    if line.startswith(FIRST_STEP_TAG) and not self.steps:  # a saved log's own first step
+      self.first_step = int(line[len(FIRST_STEP_TAG):])
+      return None
     m = ROUTER_RE.search(line)
     if m:
       self.router_pending.append((float(m.group(2)), float(m.group(3))))
@@ -239,16 +242,11 @@ def steps_and_losses(model_dir):
     parts = name.rsplit(".", 2)
     return (parts[0], int(parts[1])) if len(parts) == 3 and parts[1].isdigit() else (name, 0)
   for name in sorted(os.listdir(logs_dir), key=attempt):
+    parser = ProgressParser(tokens_per_step=1)  # numbers the steps as the live run did
     with open(os.path.join(logs_dir, name)) as f:
-      step = first = None
       for line in f:
-        if line.startswith(FIRST_STEP_TAG):
-          first = int(line[len(FIRST_STEP_TAG):])
-          continue
-        m = STEP_RE.search(line)
-        if m:  # see ProgressParser.feed
-          step = (int(m.group(2)) if first is None else first) if step is None else step + 1
-          by_step[step] = float(m.group(1))
+        parser.feed(line)
+    by_step.update(zip(parser.steps, parser.losses))
   steps = sorted(by_step)
   return steps, [by_step[s] for s in steps]
 
