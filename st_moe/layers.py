@@ -196,7 +196,7 @@ class SparseFFN(transformer.TransformerLayer):
         "einsum" (MTF's one-hot matrix products, the TPU-friendly form; bind
         `st_moe.SparseFFN.dispatch = "einsum"` for TPU runs). Same results (st_moe.dispatch).
       print_metrics: print `st_moe_router[<name>][<z_loss>][<fraction dropped>]` every step
-        (read by `st_moe.runner`).
+        (read by `st_moe.experiments.runner`).
 
     Raises:
       ValueError: on a setting that cannot work, naming it.

@@ -193,3 +193,28 @@ def sparse_layer_stack(num_layers=gin.REQUIRED,
     stack._sublayers_final = [  # pylint: disable=protected-access
         transformer.sublayer_rms_norm, transformer.sublayer_dropout]
   return stack
+
+
+@gin.configurable(module="st_moe")
+def generated_layer_stack(layers, stack_fn=gin.REQUIRED):
+  """`make_layer_stack.layer_stack_cls` that returns a generated stack instead.
+
+  mesh_tensorflow's `make_bitransformer` builds each stack with `make_layer_stack()` in the
+  encoder/ or decoder/ gin scope and passes the result to its Unitransformer, so a stack generator
+  enters through `make_layer_stack.layer_stack_cls`. `stack_fn` (e.g. st_moe.sparse_layer_stack) is
+  called in that same scope.
+
+  Args:
+    layers: the layers make_layer_stack instantiated; must be empty
+      (`transformer.make_layer_stack.layers = []`), the generator builds every layer.
+    stack_fn: a function returning a transformer.LayerStack.
+
+  Returns:
+    stack_fn().
+  """
+  if layers:
+    raise ValueError(
+        f"transformer.make_layer_stack.layers lists {len(layers)} layers while "
+        "make_layer_stack.layer_stack_cls = @st_moe.generated_layer_stack generates the stack: "
+        "set transformer.make_layer_stack.layers = []")
+  return stack_fn()

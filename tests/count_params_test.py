@@ -1,4 +1,4 @@
-"""tools/count_params.py and st_moe.model_graph.count against the paper and hand formulas.
+"""tools/count_params.py and st_moe.analysis.model_graph.count against the paper and hand formulas.
 
 ST-MoE-32B must count 269B +- 2% and ST-MoE-L 4.1B +- 3% (Zoph et al. 2022, arXiv 2202.08906);
 dense baselines must match their sparse model's FLOPs per token within 10%. Activations are set to
@@ -13,7 +13,7 @@ import sys
 from absl.testing import absltest
 import gin
 
-from st_moe import model_graph
+from st_moe.analysis import model_graph
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLOAT32 = ['utils.get_variable_dtype.activation_dtype = "float32"']

@@ -4,7 +4,7 @@ import math
 from absl.testing import absltest
 import numpy as np
 
-from st_moe import divergence
+from st_moe.experiments import divergence
 
 
 def healthy(n=50):

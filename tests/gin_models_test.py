@@ -1,7 +1,7 @@
 """The gin files: every model builds, the checkpoint layout is pinned, runs and layouts say what
 they need, and our bare names shadow t5's / mesh_tensorflow's only where that is safe.
 
-Graphs are built with st_moe.model_graph (mtf graph, never lowered): seconds even for 269B params.
+Graphs are built with st_moe.analysis.model_graph (mtf graph, never lowered): seconds even for 269B params.
 Regenerate the golden file with ST_MOE_UPDATE_GOLDEN=1 .venv/bin/pytest tests/gin_models_test.py
 after a deliberate checkpoint-layout change.
 """
@@ -13,7 +13,7 @@ from absl.testing import absltest
 import gin
 from gin import config as gin_config
 
-from st_moe import model_graph
+from st_moe.analysis import model_graph
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_DIR = os.path.join(REPO, "gin")
@@ -180,8 +180,8 @@ class GinModelsTest(absltest.TestCase):
 
   def test_bare_name_collisions_with_t5_and_mesh_tensorflow(self):
     ours = set()
-    import st_moe  # pylint: disable=g-import-not-at-top
-    for path in st_moe.gin_search_paths():
+    from st_moe import gin_paths  # pylint: disable=g-import-not-at-top
+    for path in gin_paths.search_paths():
       ours |= _relative_gin_names(path)
     theirs = _relative_gin_names(model_graph.t5_gin_dir())
     theirs |= _relative_gin_names(os.path.dirname(model_graph.mtf_defaults_gin()))
@@ -223,7 +223,7 @@ class GinModelsTest(absltest.TestCase):
     self.assertEqual(q("utils.run.sequence_length"), {"inputs": 512, "targets": 114})
     self.assertEqual(q("MIXTURE_NAME"), "st_moe_pretrain")
     import seqio  # pylint: disable=g-import-not-at-top
-    self.assertIn(q("MIXTURE_NAME"), seqio.MixtureRegistry.names())  # registered by import st_moe
+    self.assertIn(q("MIXTURE_NAME"), seqio.MixtureRegistry.names())  # registered by import st_moe.register
     self.assertEqual(q("learning_rate_schedules.learning_rate_schedule_noam.warmup_steps"), 10000)
     self.assertEqual(q("learning_rate_schedules.learning_rate_schedule_noam.linear_decay_fraction"),
                      0.0)

@@ -230,7 +230,7 @@ class SparseFFNTest(absltest.TestCase):
     mtf.Lowering(graph, {mesh: mesh_impl})
     messages = [op.get_attr("message") for op in tf.get_default_graph().get_operations()
                 if op.type == "Print"]
-    # st_moe.runner parses st_moe_router[<name>][<z_loss>][<dropped>]: tf.Print appends the
+    # st_moe.experiments.runner parses st_moe_router[<name>][<z_loss>][<dropped>]: tf.Print appends the
     # two values in brackets right after this message.
     self.assertEqual(messages, [b"st_moe_router[moe]"])
 

@@ -12,7 +12,7 @@ import zipfile
 from absl.testing import absltest
 import gin
 
-import st_moe
+from st_moe import gin_paths
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.dirname(sys.executable)
@@ -26,18 +26,41 @@ class PackageTest(absltest.TestCase):
     gin.parse_config_file("st_moe_32b.gin", skip_unknown=True)  # found by bare name
     self.assertEqual(gin.query_parameter("%num_experts"), 64)
 
-  def test_gin_search_path_registered(self):
-    prefixes = gin.config._LOCATION_PREFIXES  # gin keeps its search path here.
-    for path in st_moe.gin_search_paths():
-      self.assertIn(path, prefixes)
-    self.assertTrue(os.path.isdir(st_moe.gin_dir()), st_moe.gin_dir())
-    # A bare file name in one of our subfolders resolves through the search path.
-    for sub in ("models", "layouts", "runs"):
-      self.assertIn(os.path.join(st_moe.gin_dir(), sub), prefixes)
+  def test_gin_reader_resolves_ours_first_then_t5s(self):
+    self.assertTrue(os.path.isdir(gin_paths.gin_dir()), gin_paths.gin_dir())
+    # Ours by bare name in each subfolder; t5's by bare name; ours shadows t5's eval.gin.
+    self.assertEqual(gin_paths.resolve("st_moe_32b.gin"),
+                     os.path.join(REPO, "gin", "models", "st_moe_32b.gin"))
+    self.assertEqual(gin_paths.resolve("cpu.gin"), os.path.join(REPO, "gin", "layouts", "cpu.gin"))
+    self.assertEqual(gin_paths.resolve("eval.gin"), os.path.join(REPO, "gin", "runs", "eval.gin"))
+    import t5  # pylint: disable=g-import-not-at-top
+    self.assertEqual(gin_paths.resolve("dataset.gin"),
+                     os.path.join(os.path.dirname(t5.__file__), "models", "gin", "dataset.gin"))
+    self.assertIsNone(gin_paths.resolve("no_such_file.gin"))
+    self.assertIsNone(gin_paths.resolve("/abs/st_moe_32b.gin"))
+
+  def test_start_up_hook_registers_reader_without_importing_tf_or_gin(self):
+    # A fresh interpreter of the venv: the .pth installed the hook; nothing heavy is imported at
+    # start-up; importing gin (and only that) puts our reader first.
+    code = ("import sys; before = sorted(m for m in ('gin', 'tensorflow', 'st_moe.register') "
+            "if m in sys.modules); import gin; "
+            "print(before, gin.config._FILE_READERS[0][0].__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=tempfile.gettempdir()).stdout.strip().splitlines()[-1]
+    self.assertEqual(out, "[] st_moe.gin_paths")
+
+  def test_importing_a_model_module_registers_nothing_process_wide(self):
+    code = ("import sys; import tensorflow.compat.v1 as tf; tf.disable_v2_behavior(); "
+            "import st_moe.routing, st_moe.layers; import seqio; "
+            "print(tf.resource_variables_enabled(), 'st_moe.tasks' in sys.modules, "
+            "'t5' in sys.modules, any(n.startswith('st_moe_') for n in seqio.TaskRegistry.names()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()[-4:]
+    self.assertEqual(out, ["False", "False", "False", "False"])
 
   def test_resource_variables_back_on_after_disable_v2_behavior(self):
     code = ("import os, sys; import tensorflow.compat.v1 as tf; tf.disable_v2_behavior(); "
-            "before = tf.resource_variables_enabled(); import st_moe; "
+            "before = tf.resource_variables_enabled(); import st_moe.register; "
             "print(before, tf.resource_variables_enabled(), "
             "type(tf.get_variable('v', [1])).__name__)")
     def run(env):

@@ -1,4 +1,4 @@
-"""tools/plan_mesh.py and st_moe.planning: layouts that split the models evenly, per-core bytes.
+"""tools/plan_mesh.py and st_moe.analysis.planning: layouts that split the models evenly, per-core bytes.
 
 Per-core parameter bytes are checked against a hand split of the counted parameters; Adafactor's
 slot shapes against mesh_tensorflow's own AdafactorOptimizer; wrong layouts must fail naming the
@@ -13,8 +13,8 @@ from absl.testing import absltest
 import gin
 import mesh_tensorflow as mtf
 
-from st_moe import model_graph
-from st_moe import planning
+from st_moe.analysis import model_graph
+from st_moe.analysis import planning
 from st_moe import routing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""Tests of st_moe.reporting: tables, event-file reading, PNG output."""
+"""Tests of st_moe.analysis.reporting: tables, event-file reading, PNG output."""
 import os
 import tempfile
 
@@ -6,7 +6,7 @@ from absl.testing import absltest
 import numpy as np
 import tensorflow as tf
 
-from st_moe import reporting
+from st_moe.analysis import reporting
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

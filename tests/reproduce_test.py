@@ -14,9 +14,9 @@ import time
 from absl.testing import absltest
 import numpy as np
 
-from st_moe import divergence
-from st_moe import reproduce
-from st_moe import runner
+from st_moe.experiments import divergence
+from st_moe.experiments import reproduce
+from st_moe.experiments import runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -266,7 +266,7 @@ class SeedingAndNormTest(absltest.TestCase):
     import gin  # pylint: disable=g-import-not-at-top
     import st_moe  # pylint: disable=g-import-not-at-top,unused-import
     import st_moe.tasks  # pylint: disable=g-import-not-at-top,unused-import
-    from st_moe import seeding  # pylint: disable=g-import-not-at-top
+    from st_moe.experiments import seeding  # pylint: disable=g-import-not-at-top
     import tensorflow.compat.v1 as tf  # pylint: disable=g-import-not-at-top
     from t5.models import mesh_transformer  # pylint: disable=g-import-not-at-top,unused-import
     gin.clear_config()

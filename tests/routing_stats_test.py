@@ -1,10 +1,10 @@
-"""Tests of st_moe.routing_stats on hand-made routing decisions."""
+"""Tests of st_moe.analysis.routing_stats on hand-made routing decisions."""
 import math
 
 from absl.testing import absltest
 import numpy as np
 
-from st_moe import routing_stats as rs
+from st_moe.analysis import routing_stats as rs
 
 
 class TokenClassTest(absltest.TestCase):

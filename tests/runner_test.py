@@ -1,12 +1,12 @@
-"""Tests of st_moe.runner: output parsing, progress, divergence stop, and a real CPU run."""
+"""Tests of st_moe.experiments.runner: output parsing, progress, divergence stop, and a real CPU run."""
 import math
 import os
 import tempfile
 
 from absl.testing import absltest
 
-from st_moe import divergence
-from st_moe import runner
+from st_moe.experiments import divergence
+from st_moe.experiments import runner
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 

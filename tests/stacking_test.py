@@ -8,7 +8,7 @@ from mesh_tensorflow.transformer import transformer_layers
 import numpy as np
 import tensorflow.compat.v1 as tf
 
-import st_moe  # pylint: disable=unused-import  (registers the st_moe.* gin names)
+from st_moe import register  # pylint: disable=unused-import  (registers the st_moe.* gin names)
 from st_moe import layers
 from st_moe import stacking
 import graph_mode

@@ -1,6 +1,8 @@
-"""The real entry point: `t5_mesh_transformer --module_import=st_moe --gin_file=st_moe_tiny.gin
---gin_file=cpu.gin --gin_file=pretrain_c4.gin ...` trains on CPU, writes a checkpoint and
-operative_config.gin, and a second run resumes from that checkpoint; a layout whose mesh dimension
+"""The real entry point, as the README writes it: `t5_mesh_transformer --gin_file=st_moe_tiny.gin
+--gin_file=cpu.gin --gin_file=pretrain_c4.gin ...` with no --module_import for the project (the
+installed st_moe_gin.pth lets gin find the files; the gin files import st_moe.register) trains on
+CPU, writes a checkpoint and operative_config.gin with no "Path not found" lines, and a second run
+with the older `--module_import=st_moe` resumes from that checkpoint; a layout whose mesh dimension
 does not divide the experts fails naming the dimension.
 
 Data: the in-memory SeqIO task of tests/testing_tasks.py (Python's own pydoc text, byte vocabulary,
@@ -20,8 +22,8 @@ ENTRY_POINT = os.path.join(os.path.dirname(sys.executable), "t5_mesh_transformer
 TIMEOUT = 400
 
 
-def _command(model_dir, *gin_params):
-  return [ENTRY_POINT, "--module_import=st_moe", "--module_import=testing_tasks",
+def _command(model_dir, *gin_params, module_imports=("testing_tasks",)):
+  return [ENTRY_POINT, *[f"--module_import={m}" for m in module_imports],
           f"--model_dir={model_dir}",
           "--gin_file=st_moe_tiny.gin", "--gin_file=cpu.gin", "--gin_file=pretrain_c4.gin",
           "--gin_param=MIXTURE_NAME = 'st_moe_test_bytes_span_corruption'",
@@ -35,7 +37,7 @@ def _command(model_dir, *gin_params):
 def _env():
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join(
-      [os.path.join(REPO, "tests"), REPO] + [p for p in [env.get("PYTHONPATH")] if p])
+      [os.path.join(REPO, "tests")] + [p for p in [env.get("PYTHONPATH")] if p])  # the task only
   env["TF_CPP_MIN_LOG_LEVEL"] = "2"
   return env
 
@@ -70,8 +72,9 @@ class TrainEntryPointTest(absltest.TestCase):
     shutil.rmtree(cls.tmp, ignore_errors=True)
     super().tearDownClass()
 
-  def _run(self, model_dir, steps):
-    out = subprocess.run(_command(model_dir, f"utils.run.train_steps = {steps}"),
+  def _run(self, model_dir, steps, module_imports=("testing_tasks",)):
+    out = subprocess.run(_command(model_dir, f"utils.run.train_steps = {steps}",
+                                  module_imports=module_imports),
                          capture_output=True, text=True, env=_env(), cwd=self.tmp,
                          timeout=TIMEOUT, check=False)
     self.assertEqual(out.returncode, 0, out.stderr[-5000:])
@@ -79,7 +82,8 @@ class TrainEntryPointTest(absltest.TestCase):
 
   def test_trains_writes_checkpoint_and_config_then_resumes(self):
     model_dir = os.path.join(self.tmp, "model")
-    log = self._run(model_dir, 2)
+    log = self._run(model_dir, 2)  # no --module_import of the project
+    self.assertNotIn("Path not found", log)
     self.assertTrue(os.path.exists(os.path.join(model_dir, "model.ckpt-2.index")),
                     os.listdir(model_dir))
     with open(os.path.join(model_dir, "operative_config.gin")) as f:
@@ -94,7 +98,7 @@ class TrainEntryPointTest(absltest.TestCase):
     self.assertLen(losses, 1, log[-3000:])
     self.assertTrue(0.0 < losses.pop() < 100.0)
 
-    log = self._run(model_dir, 4)
+    log = self._run(model_dir, 4, module_imports=("st_moe", "testing_tasks"))
     self.assertRegex(log, r"Restoring parameters from .*model\.ckpt-2")
     self.assertTrue(os.path.exists(os.path.join(model_dir, "model.ckpt-4.index")),
                     os.listdir(model_dir))

@@ -7,7 +7,7 @@ inside a model) + an SGD update, alternating the two layers and a plain float32 
 expert size (warm-up first, then repetitions; medians are reported), so all three see the same
 machine load. Before timing, ours gets upstream's weights and input and the outputs are compared.
 
-Model mode: steps/s of st_moe_tiny trained by t5_mesh_transformer (through st_moe.runner), with
+Model mode: steps/s of st_moe_tiny trained by t5_mesh_transformer (through st_moe.experiments.runner), with
 our SparseFFN and with upstream MoE1D swapped in by gin.
 
   python tools/bench_moe.py                 # default sweep: 8, 16, 32, 64 experts
@@ -360,7 +360,7 @@ def upstream_gin_params():
 def run_model_level(workdir):
   """steps/s of st_moe_tiny through t5_mesh_transformer, ours then upstream; returns dicts."""
   import os  # pylint: disable=g-import-not-at-top
-  from st_moe import runner  # pylint: disable=g-import-not-at-top
+  from st_moe.experiments import runner  # pylint: disable=g-import-not-at-top
   length = {"inputs": FLAGS.model_length, "targets": FLAGS.model_length // 4}
   common = [
       f"MIXTURE_NAME='{FLAGS.model_task}'",
@@ -381,7 +381,7 @@ def run_model_level(workdir):
                        "give an empty directory (a resumed run would train no steps)")
     run = runner.run(model_dir, gin_files, common + params, tokens_per_step=tokens, label=name,
                      show=lambda line: print(line, file=sys.stderr, flush=True),
-                     module_imports=("st_moe", "mesh_tensorflow.transformer.moe"))
+                     module_imports=("mesh_tensorflow.transformer.moe",))
     if not run.ok or not run.tokens_per_second:
       raise RuntimeError(f"the {name} training run failed (return code {run.returncode}); "
                          f"see {run.log_path}")

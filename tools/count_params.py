@@ -15,7 +15,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from st_moe import model_graph
+from st_moe.analysis import model_graph
 
 FLAGS = flags.FLAGS
 

@@ -24,11 +24,10 @@ from absl import app
 from absl import flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-from st_moe import divergence  # pylint: disable=g-import-not-at-top,wrong-import-position
-from st_moe import reporting  # pylint: disable=g-import-not-at-top,wrong-import-position
-from st_moe import runner  # pylint: disable=g-import-not-at-top,wrong-import-position
+from st_moe.experiments import divergence  # pylint: disable=g-import-not-at-top,wrong-import-position
+from st_moe.analysis import reporting  # pylint: disable=g-import-not-at-top,wrong-import-position
+from st_moe.experiments import runner  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", os.path.join(REPO, "demo_out"), "Output folder (checkpoints, report).")
@@ -84,7 +83,7 @@ def eval_gin_params(step):
 def vocab_size():
   """Size of the task's vocabulary (the embedded task's is small: this dominates tiny models)."""
   import seqio  # pylint: disable=g-import-not-at-top
-  import st_moe  # pylint: disable=g-import-not-at-top,unused-import  (registers the tasks)
+  import st_moe.register  # pylint: disable=g-import-not-at-top,unused-import  (registers the tasks)
   return seqio.get_mixture_or_task(FLAGS.task).output_features["targets"].vocabulary.vocab_size
 
 

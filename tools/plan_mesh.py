@@ -17,8 +17,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from st_moe import model_graph
-from st_moe import planning
+from st_moe.analysis import model_graph
+from st_moe.analysis import planning
 
 FLAGS = flags.FLAGS
 

@@ -20,10 +20,9 @@ from absl import app
 from absl import flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-from st_moe import reproduce  # pylint: disable=g-import-not-at-top,wrong-import-position
-from st_moe import runner  # pylint: disable=g-import-not-at-top,wrong-import-position
+from st_moe.experiments import reproduce  # pylint: disable=g-import-not-at-top,wrong-import-position
+from st_moe.experiments import runner  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("scale", "tiny", list(reproduce.SCALES), "Model scale.")

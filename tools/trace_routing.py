@@ -17,9 +17,8 @@ from absl import flags
 # Defines --gin_file and --gin_param (repeatable), as t5_mesh_transformer has them.
 from mesh_tensorflow.transformer import utils as _mtf_utils  # pylint: disable=unused-import
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from st_moe import tracing  # pylint: disable=g-import-not-at-top,wrong-import-position
+from st_moe.analysis import tracing  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "Folder with the checkpoint to trace.")

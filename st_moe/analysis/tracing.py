@@ -1,8 +1,8 @@
 """Routing tracer: which experts each token goes to, layer by layer, in a trained ST-MoE.
 
-Builds the model from its gin files exactly as `t5_mesh_transformer` would (st_moe.model_graph),
+Builds the model from its gin files exactly as `t5_mesh_transformer` would (st_moe.analysis.model_graph),
 feeds it examples of a SeqIO task, restores a checkpoint, and reads every SparseFFN's
-RoutingRecord (st_moe.layers.routing_records). The analysis is st_moe.routing_stats; the report
+RoutingRecord (st_moe.layers.routing_records). The analysis is st_moe.analysis.routing_stats; the report
 (markdown, JSON, PNG heat maps) follows the paper's qualitative routing analysis (ST-MoE,
 arXiv 2202.08906, Sec. 7): routing entropy per sparse layer against ln E, what kinds of tokens each
 encoder expert takes, and which experts specialise.
@@ -20,9 +20,9 @@ import numpy as np
 import tensorflow.compat.v1 as tf
 
 from st_moe import layers
-from st_moe import model_graph
-from st_moe import reporting
-from st_moe import routing_stats as rs
+from st_moe.analysis import model_graph
+from st_moe.analysis import reporting
+from st_moe.analysis import routing_stats as rs
 
 
 @dataclasses.dataclass

@@ -1,6 +1,6 @@
 """Mesh planning: does a layout split a model evenly, and how much of a TPU core does it need?
 
-Works on a built, unlowered `st_moe.model_graph.ModelGraph`: for every variable and every tensor the
+Works on a built, unlowered `st_moe.analysis.model_graph.ModelGraph`: for every variable and every tensor the
 forward graph produces, each dimension a layout rule splits over a mesh dimension must be divisible
 by that mesh dimension's size (`check_layout` raises `LayoutError` naming the dimension otherwise);
 then per-core bytes are summed from the slice shapes:
@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Tuple
 
 import mesh_tensorflow as mtf
 
-from st_moe import model_graph as model_graph_lib
+from st_moe.analysis import model_graph as model_graph_lib
 
 GIB = 2 ** 30
 TPU_V3_CORE_GIB = 16.0

@@ -3,7 +3,7 @@
 The demo and the table-reproduction tool train every model through the same entry point users run
 on TPU. This module builds the command line, streams the run's log to a file, and turns the lines the
 training loop prints into progress (step, loss, tokens/s, router metrics), applying the divergence
-rule of `st_moe.divergence` as the run goes: a diverged run is killed and reported, never continued.
+rule of `st_moe.experiments.divergence` as the run goes: a diverged run is killed and reported, never continued.
 
 Lines parsed from the run's output:
   `step, tf_loss[<loss>][<step>]`            printed by mesh_tensorflow's CPU training loop
@@ -20,10 +20,10 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional
 
-from st_moe import divergence as divergence_lib
+from st_moe.experiments import divergence as divergence_lib
 
 STEP_RE = re.compile(r"step, tf_loss\[([^\]]+)\]\[(\d+)\]")
-FIRST_STEP_TAG = "# st_moe.runner: first step "  # written under the command line of every log
+FIRST_STEP_TAG = "# st_moe.experiments.runner: first step "  # written under the command line of every log
 ROUTER_RE = re.compile(r"st_moe_router\[([^\]]+)\]\[([^\]]+)\]\[([^\]]+)\]")
 EVAL_RE = re.compile(r"Saving dict for global step (\d+): (.*)$")
 
@@ -37,7 +37,7 @@ def t5_mesh_transformer_executable():
   return exe
 
 
-def command(model_dir, gin_files, gin_params=(), module_imports=("st_moe",), extra_flags=()):
+def command(model_dir, gin_files, gin_params=(), module_imports=(), extra_flags=()):
   """The t5_mesh_transformer command line for one run."""
   cmd = [t5_mesh_transformer_executable(), f"--model_dir={model_dir}"]
   cmd += [f"--module_import={m}" for m in module_imports]
@@ -156,7 +156,7 @@ class ProgressParser:
 
 def run(model_dir, gin_files, gin_params=(), *, tokens_per_step, label="run", every=10,
         monitor: Optional[divergence_lib.DivergenceMonitor] = None,
-        show: Callable[[str], None] = print, module_imports=("st_moe",), extra_flags=(),
+        show: Callable[[str], None] = print, module_imports=(), extra_flags=(),
         env=None, timeout=None) -> RunResult:
   """Runs one t5_mesh_transformer job to the end (or until it diverges); returns what it saw.
 

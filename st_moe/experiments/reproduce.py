@@ -1,13 +1,13 @@
 """The paper's tables (ST-MoE, arXiv 2202.08906): stability study, capacity factors, routing entropy.
 
 Library side of `tools/reproduce.py`. Every model is trained and evaluated through the entry point
-users run on TPU (`t5_mesh_transformer`, via st_moe.runner); a table is a set of runs, each in its
+users run on TPU (`t5_mesh_transformer`, via st_moe.experiments.runner); a table is a set of runs, each in its
 own folder `<out>/runs/<run id>`, so rerunning skips finished runs (a `train_done.json` /
 `eval_cf<x>.json` is written when a step finishes), resumes unfinished ones from their checkpoint,
 and several tables share a run when its settings are the same (the entropy table traces the capacity
 table's run at train capacity factor 1.25).
 
-Divergence: st_moe.divergence's rule (NaN/inf loss, or the loss staying above
+Divergence: st_moe.experiments.divergence's rule (NaN/inf loss, or the loss staying above
 running_min + max(1.0, 0.5 |running_min|) for 3 observations after 5); a diverged run is killed,
 recorded in `diverged.json`, counted as unstable, and never evaluated or hidden.
 
@@ -26,9 +26,9 @@ import sys
 import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from st_moe import divergence
-from st_moe import reporting
-from st_moe import runner
+from st_moe.experiments import divergence
+from st_moe.analysis import reporting
+from st_moe.experiments import runner
 
 TABLES = ("stability", "capacity", "entropy")
 SCALES = ("tiny", "l", "32b")
@@ -389,7 +389,7 @@ def stability(config: Config, show=print):
            "observations after the first 5 (st_moe/divergence.py); diverged runs are stopped and "
            "listed. Paper columns: ST-MoE Table 3 (32 experts, 6 seeds for the baseline).")
   intro += (" A seed fixes the data order and the initial weights, and with resource variables "
-            "(st_moe.use_resource_variables) the first steps of a rerun are bit-identical, but a "
+            "(st_moe.register.use_resource_variables) the first steps of a rerun are bit-identical, but a "
             "remaining upstream race (Adafactor's decay reads the global step unordered with its "
             "increment) and this learning rate's chaos let a rerun part later: each cell is a "
             "sample; compare variants with more --seeds.")

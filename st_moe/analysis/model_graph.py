@@ -19,9 +19,7 @@ experts compute on `expert_flops_at_train_capacity` per token whatever the routi
 """
 import collections
 import dataclasses
-import importlib.util
 import inspect
-import logging
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -31,37 +29,12 @@ from mesh_tensorflow.transformer import transformer
 from mesh_tensorflow.transformer import utils as mtf_utils
 import tensorflow.compat.v1 as tf
 
-import st_moe
+from st_moe import gin_paths
 
 # T5's SentencePiece vocabulary (cc_all.32000) plus 100 sentinel ids; padded to 32128 rows.
 T5_VOCAB_SIZE = 32100
 DEFAULT_SEQUENCE_LENGTH = {"inputs": 512, "targets": 114}
 COMPONENTS = ("embeddings", "attention", "dense_ffn", "experts", "router", "layer_norm")
-
-
-@gin.configurable(module="st_moe")
-def generated_layer_stack(layers, stack_fn=gin.REQUIRED):
-  """`make_layer_stack.layer_stack_cls` that returns a generated stack instead.
-
-  mesh_tensorflow's `make_bitransformer` builds each stack with `make_layer_stack()` in the
-  encoder/ or decoder/ gin scope and passes the result to its Unitransformer, so a stack generator
-  enters through `make_layer_stack.layer_stack_cls`. `stack_fn` (e.g. st_moe.sparse_layer_stack) is
-  called in that same scope.
-
-  Args:
-    layers: the layers make_layer_stack instantiated; must be empty
-      (`transformer.make_layer_stack.layers = []`), the generator builds every layer.
-    stack_fn: a function returning a transformer.LayerStack.
-
-  Returns:
-    stack_fn().
-  """
-  if layers:
-    raise ValueError(
-        f"transformer.make_layer_stack.layers lists {len(layers)} layers while "
-        "make_layer_stack.layer_stack_cls = @st_moe.generated_layer_stack generates the stack: "
-        "set transformer.make_layer_stack.layers = []")
-  return stack_fn()
 
 
 def mtf_defaults_gin():
@@ -71,36 +44,19 @@ def mtf_defaults_gin():
 
 def t5_gin_dir():
   """t5's gin folder (t5/models/gin), found without importing t5; None if t5 is absent."""
-  spec = importlib.util.find_spec("t5")
-  if spec is None or not spec.submodule_search_locations:
-    return None
-  path = os.path.join(list(spec.submodule_search_locations)[0], "models", "gin")
-  return path if os.path.isdir(path) else None
+  return gin_paths.t5_gin_dir()
 
 
 def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str] = (), finalize=False):
   """Clears gin, parses defaults.gin then `gin_files` and `gin_params`, as t5_mesh_transformer does.
 
-  Search path: the project's gin folders first (as `--module_import=st_moe` adds them), then t5's
-  (as t5_mesh_transformer adds it), so bare names (`st_moe_32b.gin`) resolve.
+  Bare names resolve through the project's gin reader (st_moe.gin_paths): our folders first, then
+  t5's, as in t5_mesh_transformer.
   """
   gin.clear_config()
-  st_moe.register_gin_search_paths()
-  t5_dir = t5_gin_dir()
-  if t5_dir:
-    gin.add_config_file_search_path(t5_dir)
-  root = logging.getLogger()
-  root.addFilter(_quiet_search_misses)  # gin logs an ERROR for every search-path entry it misses
-  try:
-    gin.parse_config_file(mtf_defaults_gin())
-    gin.parse_config_files_and_bindings(list(gin_files), list(gin_params),
-                                        finalize_config=finalize)
-  finally:
-    root.removeFilter(_quiet_search_misses)
-
-
-def _quiet_search_misses(record):
-  return not str(record.msg).startswith("Path not found")
+  gin_paths.register()
+  gin.parse_config_file(mtf_defaults_gin())
+  gin.parse_config_files_and_bindings(list(gin_files), list(gin_params), finalize_config=finalize)
 
 
 def query(selector, default=None):
@@ -237,7 +193,7 @@ def component(name, shape, experts_dim_name="experts"):
   if "densereludense" in lowered:
     return "dense_ffn"
   raise ValueError(f"variable {name} {shape}: cannot tell its component (one of {COMPONENTS}); "
-                   "update st_moe.model_graph.component")
+                   "update st_moe.analysis.model_graph.component")
 
 
 @dataclasses.dataclass
