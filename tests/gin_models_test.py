@@ -205,11 +205,11 @@ class GinModelsTest(absltest.TestCase):
     self.assertNotEmpty(t5_set)
     for key, value in t5_set.items():
       self.assertEqual(ours.get(key), value, key)
-    self.assertEqual(ours[(("eval_capacity_factor", "gin.macro"), "value")], "2.0")
+    self.assertEqual(ours[(("capacity_factor_eval", "gin.macro"), "value")], "2.0")
     # t5's score_eval.gin includes 'eval.gin': it must get ours and still parse.
     model_graph.parse_gin(["st_moe_tiny.gin", "cpu.gin", "dataset.gin", "score_eval.gin"])
     self.assertEqual(model_graph.query("utils.run.mode"), "score_eval")
-    self.assertEqual(model_graph.query("eval_capacity_factor"), 2.0)
+    self.assertEqual(model_graph.query("capacity_factor_eval"), 2.0)
 
   def test_runs_parse_and_state_their_requirements(self):
     base = ["st_moe_tiny.gin", "cpu.gin"]
@@ -242,7 +242,7 @@ class GinModelsTest(absltest.TestCase):
         "MIXTURE_NAME = 'a_task'", "utils.run.init_checkpoint = '/ckpt/model.ckpt-1'",
         "utils.run.train_steps = 10"], finalize=True)
     gin.clear_config()
-    model_graph.parse_gin(base + ["dataset.gin", "eval.gin"], ["eval_capacity_factor = 4.0"])
+    model_graph.parse_gin(base + ["dataset.gin", "eval.gin"], ["capacity_factor_eval = 4.0"])
     self.assertEqual(q("st_moe.SparseFFN.capacity_factor_eval"), 4.0)
     self.assertEqual(q("utils.run.mode"), "eval")
 

@@ -233,7 +233,7 @@ def evaluate(run: Run, config: Config, eval_capacity_factor, show=print):
   params = run.params + ["utils.run.dataset_split = 'validation'",
                          f"utils.run.eval_checkpoint_step = {step}",
                          f"utils.run.perplexity_eval_steps = {config.eval_steps}",
-                         f"eval_capacity_factor = {eval_capacity_factor}",
+                         f"capacity_factor_eval = {eval_capacity_factor}",
                          f"st_moe.SparseFFN.capacity_factor_eval = {eval_capacity_factor}",
                          "st_moe.SparseFFN.print_metrics = True"]
   result = runner.run(run.model_dir, run.gin_files + ["perplexity_eval.gin"], params,
@@ -466,7 +466,7 @@ def capacity(config: Config, show=print):
 
 def _capacity_run(config, train_cf, seed, runs_dir):
   run_id = f"default_cf{train_cf:g}_seed{seed}"
-  params = common_params(config, seed) + [f"train_capacity_factor = {train_cf}",
+  params = common_params(config, seed) + [f"capacity_factor_train = {train_cf}",
                                           f"st_moe.SparseFFN.capacity_factor_train = {train_cf}"]
   return Run(run_id, model_gin_files(config, "capacity"), params, os.path.join(runs_dir, run_id))
 
