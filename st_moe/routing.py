@@ -69,47 +69,60 @@ def expert_capacity(group_size, capacity_factor, num_experts, min_expert_capacit
   """Buffer slots per expert and group: max(min(S, int(S * cf [* k] / E)), min_capacity).
 
   MTF semantics (not multiplied by k) by default: with top-2 and cf 1.25 there are slots for
-  1.25 * S of the 2 * S choices, so second choices overflow first.
-
-  Raises:
-    ValueError: capacity_factor <= 0.
+  1.25 * S of the 2 * S choices, so second choices overflow first. The settings are trusted:
+  `st_moe.layers.SparseFFN` checks them once, when it is built.
   """
-  if not capacity_factor > 0:
-    raise ValueError(f"capacity_factor={capacity_factor!r}: the capacity factor must be > 0 "
-                     "(ST-MoE uses 1.25 in training and 2.0 in evaluation)")
   factor = capacity_factor * (num_selected_experts if multiply_by_k else 1)
   capacity = min(group_size, int(group_size * factor / num_experts))
   return max(capacity, min_expert_capacity)
 
 
 def group_tokens(num_tokens, group_size, mesh_dim_size=1):
-  """Splits num_tokens into (num_groups, tokens per group), groups of at most group_size.
+  """Splits num_tokens into (num_groups, tokens per group), as MTF's `_split_into_groups`.
 
-  The number of groups is the smallest that divides num_tokens, is a multiple of the size of the
-  mesh dimension the batch is split over, and gives groups of at most group_size tokens (when no
-  such number exists below num_tokens, groups of one token).
+  Same rule as mesh_tensorflow/transformer/moe.py: the number of groups is the smallest that
+  is at least max(1, num_tokens // group_size) (rounded DOWN), is a multiple of the size of the
+  mesh dimension the batch is split over, and divides num_tokens. So group_size is a target,
+  not a bound: 1,500 tokens at group size 1,024 make one group of 1,500 (a group can hold up to
+  twice group_size tokens, less one), and 4,096 tokens make 4 groups of 1,024.
+  (tests/routing_test.py checks this against upstream's function.)
+
+  Where upstream silently falls back to groups of one token (nothing between the target and
+  num_tokens divides the batch, e.g. 2 x 1,031 tokens at group size 8 over 2 replicas), this
+  raises instead: one-token groups make the capacity factor meaningless (every expert has
+  min_expert_capacity slots for one token) and are never what the user asked for.
 
   Args:
     num_tokens: tokens of the batch (all batch and length positions).
-    group_size: the largest group, >= 1.
+    group_size: the target group size, an integer >= 1 (checked by SparseFFN).
     mesh_dim_size: how many ways the batch (hence the groups) is split over the mesh.
 
   Returns:
     (num_groups, group_size) with num_groups * group_size == num_tokens.
 
   Raises:
-    ValueError: group_size < 1, or num_tokens not a multiple of mesh_dim_size.
+    ValueError: num_tokens not a multiple of mesh_dim_size, or the only split left is groups of
+      one token although group_size > 1 and num_tokens > mesh_dim_size.
   """
-  if not isinstance(group_size, int) or group_size < 1:
-    raise ValueError(f"group_size={group_size!r}: the routing group size must be an integer >= 1 "
-                     "(MTF's default is 1024)")
   if num_tokens % mesh_dim_size:
     raise ValueError(f"the batch has {num_tokens} tokens, not a multiple of {mesh_dim_size}, the "
                      "size of the mesh dimension the batch is split over: choose a batch size "
                      "and length whose product it divides")
-  num_groups = max(mesh_dim_size, -(-num_tokens // group_size))
+  num_groups = max(1, num_tokens // group_size)
   while num_groups % mesh_dim_size or num_tokens % num_groups:
     num_groups += 1
+  if num_groups == num_tokens and group_size > 1 and num_tokens > mesh_dim_size:
+    # The largest valid number of groups below num_tokens (mesh_dim_size itself is valid).
+    fewer = max(g for g in range(mesh_dim_size, num_tokens, mesh_dim_size)
+                if num_tokens % g == 0)
+    raise ValueError(
+        f"routing groups: the batch has {num_tokens} tokens (batch x length), and with "
+        f"group_size={group_size} over a mesh dimension of size {mesh_dim_size} no number of "
+        f"groups between {max(1, num_tokens // group_size)} and {num_tokens} is a multiple of "
+        f"{mesh_dim_size} dividing {num_tokens}, which would leave groups of one token. What "
+        f"works: st_moe.SparseFFN.group_size >= {num_tokens // (fewer + 1) + 1} ({fewer} groups "
+        f"of {num_tokens // fewer} tokens), or a batch size x length with small factors (e.g. "
+        "powers of two)")
   return num_groups, num_tokens // num_groups
 
 
@@ -187,9 +200,7 @@ def priority_order(priority, group_dim):
 
 
 def _second_policy_mask(policy, gate, threshold, train_rng_mesh):
-  """<float32>[G, S]: which non-first choices the second-expert policy keeps."""
-  if policy == "all":
-    return None
+  """<float32>[G, S] (or None: keep all): which non-first choices the second-expert policy keeps."""
   if policy == "none":
     return mtf.zeros_like(gate)
   if policy == "threshold":
@@ -197,8 +208,8 @@ def _second_policy_mask(policy, gate, threshold, train_rng_mesh):
   if policy == "random":
     # Keep with probability min(1, gate / threshold).
     uniform = mtf.random_uniform(train_rng_mesh, gate.shape, dtype=tf.float32)
-    return mtf.to_float(mtf.less(uniform, gate / max(threshold, 1e-9)))
-  raise ValueError(f"second expert policy {policy!r}: expected one of {SECOND_POLICIES}")
+    return mtf.to_float(mtf.less(uniform, gate / threshold))
+  return None  # "all"
 
 
 def route_top_k(logits, experts_dim, group_dim, capacity, num_selected_experts=2,
@@ -225,15 +236,9 @@ def route_top_k(logits, experts_dim, group_dim, capacity, num_selected_experts=2
   Returns:
     a RoutingResult.
 
-  Raises:
-    ValueError: k not in [1, E], or an unknown policy.
+  The settings are trusted (1 <= k <= E, a policy of SECOND_POLICIES, a threshold in (0, 1]):
+  `st_moe.layers.SparseFFN` checks them once, when it is built.
   """
-  num_experts = experts_dim.size
-  if not 1 <= num_selected_experts <= num_experts:
-    raise ValueError(f"num_selected_experts={num_selected_experts!r}: must be between 1 and "
-                     f"num_experts={num_experts}")
-  if second_policy not in SECOND_POLICIES:
-    raise ValueError(f"second expert policy {second_policy!r}: expected one of {SECOND_POLICIES}")
   logits = mtf.to_float(logits)
   probs = mtf.softmax(logits, experts_dim)  # [G, S, E]
   if nonpadding is not None:

