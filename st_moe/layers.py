@@ -147,11 +147,12 @@ class SparseFFN(transformer.TransformerLayer):
                num_selected_experts=2,
                capacity_factor_train=1.25,
                capacity_factor_eval=2.0,
+               capacity_factor_decode=None,
                min_expert_capacity=4,
                capacity_multiply_by_k=False,
                group_size=1024,
                second_policy_train="random",
-               second_policy_eval="random",
+               second_policy_eval="all",
                second_threshold_train=0.2,
                second_threshold_eval=0.2,
                renormalize_gates=True,
@@ -163,8 +164,7 @@ class SparseFFN(transformer.TransformerLayer):
                expert_dropout_rate=0.0,
                multiplicative_bias=False,
                experts_dim_name="experts",
-               dispatch="gather",
-               print_metrics=False):
+               dispatch="gather"):
     """Records and checks the settings.
 
     Args:
@@ -173,14 +173,32 @@ class SparseFFN(transformer.TransformerLayer):
       activation: activations multiplied together on the hidden layer (GEGLU: gelu x linear);
         names of mesh_tensorflow functions or "linear", or functions.
       num_selected_experts: k, experts per token (1 <= k <= E).
-      capacity_factor_train, capacity_factor_eval: capacity factors (> 0) in training and
-        evaluation/inference.
-      min_expert_capacity: smallest buffer per expert and group.
+      capacity_factor_train, capacity_factor_eval: capacity factors (> 0) in training and in
+        full-sequence evaluation (scoring, the encoder, teacher-forced passes).
+      capacity_factor_decode: capacity of a decoding step (transformer context mode
+        "incremental": Bitransformer.decode, beam search, sample_autoregressive). Such a step
+        routes only batch x beam tokens, one per sequence, so with a capacity factor the floor
+        min_expert_capacity, not the factor, would decide what is dropped. None (the default):
+        capacity = the step's tokens per group, so no decoding step drops a token whatever the
+        router does (each expert's buffer can hold every token of the group: E x S slots
+        instead of cf x S, on a step of one position; at small decoding batches the floor
+        min_expert_capacity already gives S). A float > 0: max(min(S, int(S * cf / E)),
+        min_expert_capacity), as in training.
+      min_expert_capacity: smallest buffer per expert and group (1 <= it <= group_size).
       capacity_multiply_by_k: capacity int(S * cf * k / E) instead of MTF's int(S * cf / E).
-      group_size: largest number of tokens per routing group (>= 1).
+      group_size: target number of tokens per routing group (>= 1), split as MTF's
+        `_split_into_groups` does (`st_moe.routing.group_tokens`).
       second_policy_train, second_policy_eval: all | none | threshold | random, for choices
-        after the first.
-      second_threshold_train, second_threshold_eval: threshold of those policies.
+        after the first. Training keeps MTF's and the paper's "random" (keep the second expert
+        with probability min(1, g2 / threshold)). Evaluation and decoding default to "all", so
+        that scoring, evaluation and decoding are deterministic: the same checkpoint gives the
+        same metrics twice. Of the deterministic policies, "all" is the closest to the random
+        policy's expected output g1 E1 + min(1, g2 / t) g2 E2: it differs from it by at most
+        t / 4 x |E2| (at g2 = t / 2), "threshold" by up to t x |E2| (g2 just below t), "none"
+        by g2 x |E2|. It is also what flaxformer's ST-MoE router (TokensChooseMaskedRouter)
+        does in training and evaluation. MTF's default for evaluation is "random".
+      second_threshold_train, second_threshold_eval: threshold t of the threshold and random
+        policies, in (0, 1] (ignored by all and none).
       renormalize_gates: the k gates sum to one (MTF); else raw router probabilities.
       balance_loss_coef: c_B, weight of the load-balancing loss (0 turns it off).
       router_z_loss_coef: c_z, weight of the router z-loss (applied directly, not times c_B).
@@ -195,14 +213,19 @@ class SparseFFN(transformer.TransformerLayer):
         the default: no S x E x C matrix products, fastest on CPU, see docs/performance.md) or
         "einsum" (MTF's one-hot matrix products, the TPU-friendly form; bind
         `st_moe.SparseFFN.dispatch = "einsum"` for TPU runs). Same results (st_moe.dispatch).
-      print_metrics: print `st_moe_router[<name>][<z_loss>][<fraction dropped>]` every step
-        (read by `st_moe.experiments.runner`).
+
+    The router summaries (`<scope>/router/...`) reach the event files in training and evaluation,
+    on the CPU and on a TPU, through `st_moe.summaries` (installed by `st_moe.register`).
 
     Raises:
       ValueError: on a setting that cannot work, naming it.
     """
+    # Every setting is checked here, once; st_moe.routing trusts what the layer passes it.
     if not isinstance(num_experts, int) or num_experts < 1:
       raise ValueError(f"num_experts={num_experts!r}: must be an integer >= 1")
+    if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+      raise ValueError(f"hidden_size={hidden_size!r}: the experts' hidden size must be an "
+                       "integer >= 1 (ST-MoE: d_ff, 2816 for ST-MoE-L)")
     if not isinstance(num_selected_experts, int) or not 1 <= num_selected_experts <= num_experts:
       raise ValueError(f"num_selected_experts={num_selected_experts!r}: must be an integer "
                        f"between 1 and num_experts={num_experts}")
@@ -211,16 +234,32 @@ class SparseFFN(transformer.TransformerLayer):
       if not value > 0:
         raise ValueError(f"{name}={value!r}: the capacity factor must be > 0 "
                          "(ST-MoE: 1.25 in training, 2.0 in evaluation)")
+    if capacity_factor_decode is not None and not capacity_factor_decode > 0:
+      raise ValueError(f"capacity_factor_decode={capacity_factor_decode!r}: must be > 0, or None "
+                       "(a decoding step drops no token)")
     for name, value in (("second_policy_train", second_policy_train),
                         ("second_policy_eval", second_policy_eval)):
       if value not in routing.SECOND_POLICIES:
         raise ValueError(f"{name}={value!r}: expected one of {routing.SECOND_POLICIES}")
+    for policy, name, value in (
+        (second_policy_train, "second_threshold_train", second_threshold_train),
+        (second_policy_eval, "second_threshold_eval", second_threshold_eval)):
+      if policy in ("threshold", "random") and not (
+          isinstance(value, (int, float)) and 0.0 < value <= 1.0):
+        raise ValueError(f"{name}={value!r} with the {policy!r} second-expert policy: the "
+                         "threshold must be in (0, 1], a gate of the renormalised top-k "
+                         "(ST-MoE and MTF: 0.2)")
     if dispatch not in dispatch_lib.IMPLEMENTATIONS:
       raise ValueError(f"dispatch={dispatch!r}: expected one of {dispatch_lib.IMPLEMENTATIONS}")
     if not isinstance(group_size, int) or group_size < 1:
       raise ValueError(f"group_size={group_size!r}: must be an integer >= 1 (MTF default 1024)")
     if not isinstance(min_expert_capacity, int) or min_expert_capacity < 1:
       raise ValueError(f"min_expert_capacity={min_expert_capacity!r}: must be an integer >= 1")
+    if min_expert_capacity > group_size:
+      raise ValueError(f"min_expert_capacity={min_expert_capacity} is larger than "
+                       f"group_size={group_size}, the routing group: every expert would get more "
+                       "buffer slots than a group has tokens; use min_expert_capacity <= "
+                       f"{group_size} (MTF and ST-MoE: 4) or a larger group_size")
     if not 0.0 <= expert_dropout_rate < 1.0:
       raise ValueError(f"expert_dropout_rate={expert_dropout_rate!r}: must be in [0, 1)")
     if not 0.0 <= router_jitter_eps < 1.0:
@@ -236,6 +275,7 @@ class SparseFFN(transformer.TransformerLayer):
     self.num_selected_experts = num_selected_experts
     self.capacity_factor_train = capacity_factor_train
     self.capacity_factor_eval = capacity_factor_eval
+    self.capacity_factor_decode = capacity_factor_decode
     self.min_expert_capacity = min_expert_capacity
     self.capacity_multiply_by_k = capacity_multiply_by_k
     self.group_size = group_size
@@ -253,7 +293,28 @@ class SparseFFN(transformer.TransformerLayer):
     self.multiplicative_bias = multiplicative_bias
     self.experts_dim_name = experts_dim_name
     self.dispatch = dispatch
-    self.print_metrics = print_metrics
+
+  def capacity(self, group_size, train, decoding=False):
+    """C, buffer slots per expert for routing groups of group_size tokens.
+
+    Args:
+      group_size: S, tokens per routing group of this call.
+      train: whether this is a training graph (capacity_factor_train, else capacity_factor_eval).
+      decoding: whether this is a decoding step (context mode "incremental"): then
+        capacity_factor_decode, and with its default None, C = S (no token dropped).
+
+    Returns:
+      an int.
+    """
+    if decoding and not train and self.capacity_factor_decode is None:
+      return group_size
+    if decoding and not train:
+      factor = self.capacity_factor_decode
+    else:
+      factor = self.capacity_factor_train if train else self.capacity_factor_eval
+    return routing.expert_capacity(group_size, factor, self.num_experts,
+                                   self.min_expert_capacity, self.num_selected_experts,
+                                   self.capacity_multiply_by_k)
 
   def check_decoder(self):
     """Raises if the layer cannot be used in an autoregressive decoder."""
@@ -313,10 +374,7 @@ class SparseFFN(transformer.TransformerLayer):
       nonpadding = None  # None (no sequence ids) or 1 (all real tokens)
 
     train = context.train
-    capacity = routing.expert_capacity(
-        group_size, self.capacity_factor_train if train else self.capacity_factor_eval,
-        self.num_experts, self.min_expert_capacity, self.num_selected_experts,
-        self.capacity_multiply_by_k)
+    capacity = self.capacity(group_size, train, decoding=context.mode == "incremental")
     logits = routing.router_logits(
         tokens, experts_unsplit_dim, init_stddev=self.router_init_stddev,
         jitter_eps=self.router_jitter_eps, train=train,
@@ -377,7 +435,12 @@ class SparseFFN(transformer.TransformerLayer):
                         "wo")  # [E, G, C, M]
 
   def _add_losses_and_metrics(self, context, result, experts_dim, group_dim, nonpadding):
-    """One context.losses entry per loss; summaries under `<scope>/router/`; returns metrics."""
+    """One context.losses entry per loss; summaries under `<scope>/router/`; returns metrics.
+
+    The summaries are `mtf.scalar_summary`s: lowered into mtf's summary collection, which
+    `st_moe.summaries` writes to the event files (CPU: every training step; TPU: mtf's host call;
+    evaluation: their means over the evaluation batches).
+    """
     balance = losses_lib.load_balance_loss(
         result.router_probs, result.top1_mask, experts_dim, group_dim, nonpadding)
     z_loss = losses_lib.router_z_loss(result.router_logits, experts_dim, nonpadding)
@@ -387,13 +450,6 @@ class SparseFFN(transformer.TransformerLayer):
     mtf.scalar_summary(prefix + "z_loss", z_loss)
     for key, value in metrics.items():
       mtf.scalar_summary(prefix + key, value)
-    weighted_z = losses_lib.scale(z_loss, self.router_z_loss_coef, context.num_microbatches)
-    if self.print_metrics:
-      message = "st_moe_router[%s]" % tf.get_variable_scope().name
-      weighted_z = mtf.slicewise(
-          lambda w, z, d: tf.Print(w, [z, d], message=message),
-          [weighted_z, z_loss, metrics["fraction_dropped"]], splittable_dims=[],
-          name="print_router_metrics")
     if context.losses is not None:
       # Computed in float32; entered in the activation dtype, as mesh's own loss terms are (the
       # model sums context.losses with mtf.add_n, which needs one dtype).
@@ -401,8 +457,9 @@ class SparseFFN(transformer.TransformerLayer):
       if self.balance_loss_coef:
         context.losses.append(mtf.cast(
             losses_lib.scale(balance, self.balance_loss_coef, context.num_microbatches), dtype))
-      if self.router_z_loss_coef or self.print_metrics:
-        context.losses.append(mtf.cast(weighted_z, dtype))
+      if self.router_z_loss_coef:
+        context.losses.append(mtf.cast(
+            losses_lib.scale(z_loss, self.router_z_loss_coef, context.num_microbatches), dtype))
     return dict(balance_loss=balance, z_loss=z_loss, **metrics)
 
   def _record(self, graph, result, batch_and_length_dims, metrics):
