@@ -2,8 +2,9 @@
 
 Registered (the table of tasks is in README.md): C4 span corruption, every downstream benchmark of the
 paper (SuperGLUE, ARC, WinoGrande, ANLI R3, XSum, CNN/DailyMail, closed-book QA) with T5's
-vocabulary, the embedded `st_moe_embedded_span_corruption` demo task with a local vocabulary, and
-the mixtures `st_moe_pretrain`, `st_moe_super_glue`, `st_moe_finetune`. Importing twice is safe.
+vocabulary, the embedded demo tasks with a local vocabulary (`st_moe_embedded_span_corruption` to
+pretrain, `st_moe_embedded_pydoc_topic` to fine-tune and evaluate by decoding), and the mixtures
+`st_moe_pretrain`, `st_moe_super_glue`, `st_moe_finetune`. Importing twice is safe.
 
 To run the same definitions with another vocabulary (tests, demo):
   st_moe.tasks.add_tasks(vocabulary, suffix="_local"); st_moe.tasks.add_mixtures("_local")
@@ -22,5 +23,6 @@ from st_moe.tasks.vocab import default_vocabulary
 from st_moe.tasks.vocab import embedded_vocabulary
 
 EMBEDDED_TASK = "st_moe_embedded_span_corruption"
+EMBEDDED_DOWNSTREAM_TASK = "st_moe_embedded_pydoc_topic"
 TASKS = add_tasks()
 MIXTURES = add_mixtures()

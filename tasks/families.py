@@ -20,6 +20,7 @@ from t5.evaluation import metrics as t5_metrics
 import tensorflow_datasets as tfds
 
 from st_moe.tasks import preprocessors
+from st_moe.tasks import pydoc_topic
 from st_moe.tasks import sources
 from st_moe.tasks import vocab
 
@@ -175,8 +176,18 @@ def pretraining_benchmarks() -> list[Benchmark]:
   ]
 
 
+def embedded_benchmarks() -> list[Benchmark]:
+  """Downstream tasks over embedded text (no download; the embedded vocabulary): the demo's."""
+  return [
+      Benchmark(name=pydoc_topic.NAME, source=pydoc_topic.source(),
+                text_preprocessors=[pydoc_topic.to_text], metric_fns=[t5_metrics.accuracy],
+                train_examples=len(pydoc_topic.examples("train")),
+                metric_note=f"accuracy (constant baseline {pydoc_topic.MAJORITY_ACCURACY:.1f})"),
+  ]
+
+
 def all_benchmarks() -> list[Benchmark]:
-  return pretraining_benchmarks() + benchmarks()
+  return pretraining_benchmarks() + benchmarks() + embedded_benchmarks()
 
 
 def task_name(benchmark: str, suffix: str = "") -> str:
@@ -210,8 +221,8 @@ def add_tasks(vocabulary: Optional[seqio.Vocabulary] = None, suffix: str = "",
   Args:
     vocabulary: the vocabulary of the C4 and downstream tasks; None means T5's default.
     suffix: appended to every task name (the registered family has none).
-    embedded_vocabulary: the embedded task's vocabulary; None means `vocab.embedded_vocabulary()`
-      when `vocabulary` is None, else `vocabulary`.
+    embedded_vocabulary: the vocabulary of the embedded tasks (names starting "embedded_"); None
+      means `vocab.embedded_vocabulary()` when `vocabulary` is None, else `vocabulary`.
 
   Returns:
     the names of all the family's tasks, registered now or before.
@@ -226,7 +237,7 @@ def add_tasks(vocabulary: Optional[seqio.Vocabulary] = None, suffix: str = "",
     names.append(name)
     if name in seqio.TaskRegistry.names():
       continue
-    v = embedded_vocabulary if b.name == "embedded_span_corruption" else vocabulary
+    v = embedded_vocabulary if b.name.startswith("embedded_") else vocabulary
     seqio.TaskRegistry.add(name, **task_kwargs(b, v))
   return names
 

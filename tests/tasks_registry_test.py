@@ -29,6 +29,7 @@ DOWNSTREAM = [
     "arc_challenge", "winogrande", "anli_r3", "xsum", "cnn_dailymail", "web_questions",
     "natural_questions_open", "trivia_qa"]
 PRETRAINING = ["c4_span_corruption", "embedded_span_corruption"]
+EMBEDDED_DOWNSTREAM = ["embedded_pydoc_topic"]  # tests/downstream_task_test.py
 
 
 class RegistryTest(absltest.TestCase):
@@ -36,7 +37,8 @@ class RegistryTest(absltest.TestCase):
   def test_every_task_and_mixture_is_registered(self):
     for name in DOWNSTREAM + PRETRAINING:
       self.assertIn("st_moe_" + name, seqio.TaskRegistry.names())
-    self.assertCountEqual(st_moe.tasks.TASKS, ["st_moe_" + n for n in PRETRAINING + DOWNSTREAM])
+    self.assertCountEqual(st_moe.tasks.TASKS, ["st_moe_" + n for n in
+                                               PRETRAINING + DOWNSTREAM + EMBEDDED_DOWNSTREAM])
     for name in ("st_moe_pretrain", "st_moe_super_glue", "st_moe_finetune"):
       self.assertIn(name, seqio.MixtureRegistry.names())
 
