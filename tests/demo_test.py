@@ -1,29 +1,71 @@
-"""End-to-end: a short `make demo` (tools/demo.py) and the routing tracer on the model it trained.
+"""End-to-end: a short `make demo` (tools/demo.py), killed and resumed, and one that diverges.
 
-One demo run (a few steps of st_moe_tiny and dense_tiny through t5_mesh_transformer, evaluation,
-routing trace, report) is shared by the tests below; it takes about two minutes on the CPU.
+One demo run (4 steps of st_moe_tiny and dense_tiny through t5_mesh_transformer, checkpoints every
+2 steps, evaluation, routing trace, report) is shared by the tests of DemoTest, and is the
+uninterrupted run the killed-and-resumed one is compared with.
 """
 import json
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 from absl.testing import absltest
 import numpy as np
 
+from st_moe.experiments import runner
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LENGTHS = {"inputs": 64, "targets": 16}
+STEPS, EVERY = 4, 2
+TRACE_TOKENS, TRACE_BATCH = 128, 8  # the tracer's default batch: 8 sequences
+# st_moe_tiny has 4 experts and routing groups of S = 64 tokens. At eval capacity factor 4 an
+# expert holds min(S, int(S * 4 / 4)) = S slots per group: every token of a group fits in every
+# expert (a token sends at most one choice to an expert), so nothing can be dropped. At the default
+# 2.0 it holds S / 2 and an untrained router overflows some.
+CF_EVAL = 4.0
+# Adafactor steps are relative to each weight's scale: at 1e30 the first update scales every
+# weight by ~1e30, and the next forward pass overflows float32 (NaN loss).
+DIVERGING = ["utils.run.learning_rate_schedule = @learning_rate_schedules.constant_learning_rate",
+             "learning_rate_schedules.constant_learning_rate.learning_rate = 1e30"]
 
 
-def run_demo(out, steps):
-  cmd = [sys.executable, os.path.join(REPO, "tools", "demo.py"), f"--out={out}",
-         f"--train_steps={steps}", f"--checkpoint_every={steps}", "--eval_steps=1",
-         "--batch_size=4", f"--inputs_length={LENGTHS['inputs']}",
-         f"--targets_length={LENGTHS['targets']}", "--trace_tokens=128"]
-  return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+def demo_cmd(out, models=("st_moe_tiny", "dense_tiny"), gin_params=()):
+  return ([sys.executable, os.path.join(REPO, "tools", "demo.py"), f"--out={out}",
+           f"--train_steps={STEPS}", f"--checkpoint_every={EVERY}", "--eval_steps=1",
+           "--batch_size=4", f"--inputs_length={LENGTHS['inputs']}",
+           f"--targets_length={LENGTHS['targets']}", f"--trace_tokens={TRACE_TOKENS}",
+           f"--capacity_factor_eval={CF_EVAL}", f"--models={','.join(models)}"]
+          + [f"--gin_param={p}" for p in gin_params])
+
+
+def run_demo(out, **kwargs):
+  return subprocess.run(demo_cmd(out, **kwargs), capture_output=True, text=True, timeout=1500)
+
+
+def processes_naming(text):
+  """PIDs of this machine's processes whose command line contains `text`."""
+  found = []
+  for pid in os.listdir("/proc"):
+    if not pid.isdigit() or int(pid) == os.getpid():
+      continue
+    try:
+      with open(f"/proc/{pid}/cmdline", "rb") as f:
+        cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+      continue
+    if text in cmdline:
+      found.append(int(pid))
+  return found
+
+
+def _log(proc):
+  return proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
 class DemoTest(absltest.TestCase):
@@ -32,21 +74,26 @@ class DemoTest(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.tmp = tempfile.TemporaryDirectory()
-    cls.out = cls.tmp.name
-    cls.proc = run_demo(cls.out, steps=4)
+    cls.out = os.path.join(cls.tmp.name, "whole")
+    cls.proc = run_demo(cls.out)
 
   @classmethod
   def tearDownClass(cls):
     cls.tmp.cleanup()
     super().tearDownClass()
 
+  def setUp(self):
+    super().setUp()
+    self.assertEqual(self.proc.returncode, 0, _log(self.proc))
+
   def test_demo_writes_report_checkpoints_and_pngs(self):
-    self.assertEqual(self.proc.returncode, 0, self.proc.stdout[-3000:] + self.proc.stderr[-5000:])
     with open(os.path.join(self.out, "report.md")) as f:
       report = f.read()
     for needle in ("st_moe_tiny", "dense_tiny", "validation neg. log perplexity",
-                   "router entropy", "![loss curves](loss_curves.png)"):
+                   "router entropy", "![loss curves](loss_curves.png)", "](routing/",
+                   "python -m st_moe.experiments.jobs"):
       self.assertIn(needle, report)
+    self.assertNotIn("tools/", report)  # no tool run by path
     pngs = [os.path.join(self.out, "loss_curves.png")] + [
         os.path.join(self.out, "routing", f) for f in os.listdir(os.path.join(self.out, "routing"))
         if f.endswith(".png")]
@@ -57,55 +104,106 @@ class DemoTest(absltest.TestCase):
     for model in ("st_moe_tiny", "dense_tiny"):
       model_dir = os.path.join(self.out, model)
       self.assertTrue(os.path.exists(os.path.join(model_dir, "operative_config.gin")))
+      for step in range(EVERY, STEPS + 1, EVERY):  # a checkpoint every 2 steps: 2 and 4
+        self.assertTrue(os.path.exists(os.path.join(model_dir, f"model.ckpt-{step}.index")),
+                        (model, step, sorted(os.listdir(model_dir))))
+      self.assertEqual(runner.steps_and_losses(model_dir)[0], [1, 2, 3, 4])
       with open(os.path.join(model_dir, "eval.json")) as f:
         ev = json.load(f)
-      self.assertEqual(ev["step"], 4)
+      self.assertEqual(ev["step"], STEPS)
+      self.assertIn(f"st_moe.SparseFFN.capacity_factor_eval = {CF_EVAL}", ev["gin_params"])
       self.assertTrue(math.isfinite(ev["neg_log_perplexity"]))
       self.assertLess(ev["neg_log_perplexity"], 0)
-    # Progress shows steps, loss, router metrics and throughput.
     self.assertRegex(self.proc.stdout, r"\[st_moe_tiny\] step +4 +loss +\d")
-    self.assertIn("router z-loss", self.proc.stdout)
     self.assertIn("tokens/s", self.proc.stdout)
 
+  def test_progress_shows_router_metrics(self):
+    # From the sparse layers' summaries in the event files (no print_metrics).
+    self.assertRegex(self.proc.stdout, r"\[st_moe_tiny\] step +\d+ +loss .* router z-loss")
+
   def test_rerun_skips_finished_work(self):
-    # Resuming an interrupted training from its checkpoint is t5_mesh_transformer's (tested in
-    # train_entrypoint_test); the demo must not redo finished steps: no new training, no new eval.
-    self.assertEqual(self.proc.returncode, 0)
-    proc = run_demo(self.out, steps=4)
-    self.assertEqual(proc.returncode, 0, proc.stdout[-3000:] + proc.stderr[-5000:])
-    self.assertIn("[st_moe_tiny] already trained to step 4", proc.stdout)
-    self.assertIn("[dense_tiny] already trained to step 4", proc.stdout)
+    proc = run_demo(self.out)
+    self.assertEqual(proc.returncode, 0, _log(proc))
+    self.assertIn("[st_moe_tiny] already trained", proc.stdout)
+    self.assertIn("[dense_tiny] already trained", proc.stdout)
     self.assertNotIn("evaluating", proc.stdout)
-    self.assertNotIn("[trace]", proc.stdout)
+    self.assertNotIn("tracing", proc.stdout)
     self.assertEqual(sorted(os.listdir(os.path.join(self.out, "st_moe_tiny", "logs"))),
                      ["eval.0.log", "st_moe_tiny.0.log"])
 
-  def test_trace_matches_layer_metrics_and_bounds(self):
-    self.assertEqual(self.proc.returncode, 0)
+  def test_trace_at_the_eval_capacity_factor(self):
     with open(os.path.join(self.out, "routing", "routing.json")) as f:
       layers = json.load(f)
     self.assertLen(layers, 4)  # st_moe_tiny: 2 sparse layers in each of encoder and decoder
     self.assertEqual([l["stack"] for l in layers], ["encoder"] * 2 + ["decoder"] * 2)
     for layer in layers:
       e = layer["num_experts"]
+      self.assertEqual(e, 4)
       self.assertBetween(layer["router_entropy"], 0.0, math.log(e) + 1e-6)
       self.assertBetween(layer["load_entropy"], 0.0, math.log(e) + 1e-6)
-      self.assertAlmostEqual(layer["uniform_entropy"], math.log(e))
-      shares = np.asarray(layer["class_shares"])
-      counts = np.asarray(layer["class_counts"])
-      busy = counts.sum(axis=1) > 0
-      np.testing.assert_allclose(shares[busy].sum(axis=1), 1.0, atol=1e-9)
-      self.assertEqual(int(counts.sum()), layer["num_tokens"])
-      self.assertAlmostEqual(sum(layer["expert_load"]), 1.0, places=9)
-      # The tracer's own count of dropped tokens equals the layer's summary on the same batches.
-      self.assertAlmostEqual(layer["fraction_dropped"],
-                             layer["layer_metrics"]["fraction_dropped"], places=5)
-      self.assertAlmostEqual(layer["router_entropy"], layer["layer_metrics"]["entropy"], places=4)
-    # Token counts match the input: every non-padding encoder token of the traced batches.
-    enc = layers[0]["num_tokens"]
-    self.assertGreaterEqual(enc, 128)
+      self.assertEqual(layer["fraction_dropped"], 0.0, layer["name"])  # see CF_EVAL
+      self.assertEqual(int(np.asarray(layer["class_counts"]).sum()), layer["num_tokens"])
+    enc, dec = layers[0]["num_tokens"], layers[2]["num_tokens"]
     self.assertEqual(enc, layers[1]["num_tokens"])
-    self.assertLessEqual(enc % LENGTHS["inputs"], enc)
+    self.assertEqual(dec, layers[3]["num_tokens"])
+    # At least --trace_tokens encoder tokens, in whole batches: less than one batch more.
+    self.assertGreaterEqual(enc, TRACE_TOKENS)
+    self.assertLess(enc, TRACE_TOKENS + TRACE_BATCH * LENGTHS["inputs"])
+    self.assertGreater(dec, 0)
+
+  def test_killed_demo_resumes_to_the_uninterrupted_curve(self):
+    out = os.path.join(self.tmp.name, "killed")
+    os.makedirs(out)
+    # The count's cache is keyed by its settings, the same here: the rerun reuses it.
+    shutil.copy(os.path.join(self.out, "st_moe_tiny.count.json"), out)
+    model_dir = os.path.join(out, "st_moe_tiny")
+    with open(os.path.join(self.tmp.name, "killed.log"), "w") as log:
+      proc = subprocess.Popen(demo_cmd(out, models=("st_moe_tiny",)), stdout=log,
+                              stderr=subprocess.STDOUT)
+      deadline = time.monotonic() + 1200
+      while (not os.path.exists(os.path.join(model_dir, f"model.ckpt-{EVERY}.index"))
+             and proc.poll() is None and time.monotonic() < deadline):
+        time.sleep(0.2)
+      self.assertIsNone(proc.poll(), "the demo ended before its first checkpoint")
+      os.kill(proc.pid, signal.SIGTERM)
+      proc.wait(timeout=120)
+    time.sleep(3)
+    survivors = processes_naming(f"--model_dir={model_dir}")
+    for pid in survivors:  # leave nothing running, whatever the outcome
+      os.kill(pid, signal.SIGKILL)
+    self.assertEqual(survivors, [], "t5_mesh_transformer outlived the demo killed by its PID")
+    rerun = run_demo(out, models=("st_moe_tiny",))
+    self.assertEqual(rerun.returncode, 0, _log(rerun))
+    self.assertIn(f"[st_moe_tiny] training steps {EVERY + 1}..{STEPS} (resuming from its "
+                  "checkpoint)", rerun.stdout)
+    steps, losses = runner.steps_and_losses(model_dir)
+    whole_steps, whole_losses = runner.steps_and_losses(os.path.join(self.out, "st_moe_tiny"))
+    self.assertEqual(steps, whole_steps)
+    self.assertEqual(len(losses), len(whole_losses))
+    with open(os.path.join(model_dir, "eval.json")) as f:
+      self.assertEqual(json.load(f)["step"], STEPS)
+
+
+class DivergedDemoTest(absltest.TestCase):
+
+  def test_diverged_model_fails_the_demo_and_is_not_evaluated(self):
+    with tempfile.TemporaryDirectory() as out:
+      proc = run_demo(out, models=("st_moe_tiny",), gin_params=DIVERGING)
+      self.assertEqual(proc.returncode, 1, _log(proc))
+      last = proc.stdout.strip().splitlines()[-1]
+      self.assertRegex(last, r"^demo FAILED: st_moe_tiny diverged at step \d+: .*nan")
+      model_dir = os.path.join(out, "st_moe_tiny")
+      self.assertFalse(os.path.exists(os.path.join(model_dir, "eval.json")))
+      self.assertFalse(os.path.exists(os.path.join(out, "routing", "routing.json")))
+      with open(os.path.join(out, "report.md")) as f:
+        report = f.read()
+      self.assertRegex(report, r"\| st_moe_tiny \|.*\| diverged \|")
+      # The rerun keeps it as diverged, trains nothing, and fails again.
+      again = run_demo(out, models=("st_moe_tiny",), gin_params=DIVERGING)
+      self.assertEqual(again.returncode, 1, _log(again))
+      self.assertIn("[st_moe_tiny] already diverged", again.stdout)
+      self.assertNotIn("training steps", again.stdout)
+      self.assertEqual(again.stdout.strip().splitlines()[-1], last)
 
 
 if __name__ == "__main__":

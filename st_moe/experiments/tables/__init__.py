@@ -1,0 +1,30 @@
+"""The paper's tables (ST-MoE, arXiv 2202.08906): stability study, capacity factors, routing entropy.
+
+Library side of `tools/reproduce.py`: one module per table family (stability, capacity, entropy)
+over common.py (settings, runs, output files), all run through st_moe.experiments.jobs.
+
+  from st_moe.experiments import tables
+  path = tables.run_table("capacity", tables.Config(out="reproduction_out"))
+"""
+from st_moe.experiments.tables import capacity
+from st_moe.experiments.tables import common
+from st_moe.experiments.tables import entropy
+from st_moe.experiments.tables import stability
+
+Config = common.Config
+TABLES = {"stability": stability.table, "capacity": capacity.table, "entropy": entropy.table}
+
+
+def validate(table, config: Config):
+  """Raises ValueError naming the first setting that cannot work (before anything runs)."""
+  if table not in TABLES:
+    raise ValueError(f"TABLE={table!r}: must be one of {', '.join(TABLES)}")
+  common.validate_common(config)
+  if table == "stability":
+    stability.validate(config)
+
+
+def run_table(table, config: Config, show=print):
+  """Runs (or resumes) every run of `table` and writes its files; returns the markdown's path."""
+  validate(table, config)
+  return TABLES[table](config, show)
