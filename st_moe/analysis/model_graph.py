@@ -47,16 +47,19 @@ def t5_gin_dir():
   return gin_paths.t5_gin_dir()
 
 
-def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str] = (), finalize=False):
+def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str] = (), finalize=False,
+              skip_unknown=False):
   """Clears gin, parses defaults.gin then `gin_files` and `gin_params`, as t5_mesh_transformer does.
 
   Bare names resolve through the project's gin reader (st_moe.gin_paths): our folders first, then
-  t5's, as in t5_mesh_transformer.
+  t5's, as in t5_mesh_transformer. `skip_unknown=True` skips bindings of configurables that no
+  imported module registers (e.g. t5's dataset functions in a run's operative_config.gin).
   """
   gin.clear_config()
   gin_paths.register()
   gin.parse_config_file(mtf_defaults_gin())
-  gin.parse_config_files_and_bindings(list(gin_files), list(gin_params), finalize_config=finalize)
+  gin.parse_config_files_and_bindings(list(gin_files), list(gin_params), finalize_config=finalize,
+                                      skip_unknown=skip_unknown)
 
 
 def query(selector, default=None):

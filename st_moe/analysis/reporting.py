@@ -1,9 +1,19 @@
 """Reading training summaries and writing reports: markdown tables, loss curves and heat maps as PNG.
 
 Shared by the demo, the routing tracer and the table reproduction tool. Matplotlib runs headless
-(Agg backend); TensorFlow is imported only to read event files.
+(Agg backend); TensorFlow is imported to read event files and to write files (tf.io.gfile, so
+gs:// paths work).
+
+Plots (each returns the path it wrote):
+  plot_loss_curves   training loss, raw (faint) and smoothed, with validation points
+  plot_entropy_bars  routing entropy / ln E per sparse layer, encoder and decoder in their own panels
+  plot_routing_heatmap  each expert's tokens by class, with the base-rate row
+  plot_capacity_grid mean (+- std over seeds) per (train, eval) capacity factor, on a colour scale
+                     no narrower than the seed noise
+  plot_curves, plot_panels, plot_heatmap  general line plots and heat maps
 """
 import glob
+import io
 import math
 import os
 
@@ -76,6 +86,50 @@ def _pyplot():
   return plt
 
 
+def _save(fig, path):
+  """Writes a figure as PNG to `path` (local or gs://), creating its folder; closes the figure."""
+  import tensorflow.compat.v1 as tf  # pylint: disable=g-import-not-at-top
+  plt = _pyplot()
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png")
+  plt.close(fig)
+  folder = os.path.dirname(path)
+  if folder:
+    tf.io.gfile.makedirs(folder)
+  with tf.io.gfile.GFile(path, "wb") as f:
+    f.write(buffer.getvalue())
+  return path
+
+
+def format_mean_std(values, value_format="{:.3f}"):
+  """"mean +- std" of the values given (None skipped), the mean alone for one value, "" for none.
+
+  The spread of a single seed is unknown, not zero: it is not printed as "+- 0.000".
+  """
+  values = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+  if not values:
+    return ""
+  mean = float(np.mean(values))
+  if len(values) == 1:
+    return value_format.format(mean)
+  return f"{value_format.format(mean)} +- {value_format.format(float(np.std(values, ddof=1)))}"
+
+
+def smooth(values, window):
+  """Trailing moving average over up to `window` points, NaN ignored (NaN where all are NaN)."""
+  values = np.asarray(values, dtype=np.float64)
+  if window < 1:
+    raise ValueError(f"smooth: window={window} must be >= 1")
+  finite = np.isfinite(values)
+  sums = np.cumsum(np.where(finite, values, 0.0))
+  counts = np.cumsum(finite)
+  lagged_sums = np.concatenate([np.zeros(window), sums[:-window]])[:len(values)]
+  lagged_counts = np.concatenate([np.zeros(window), counts[:-window]])[:len(values)]
+  n = counts - lagged_counts
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(n > 0, (sums - lagged_sums) / np.maximum(n, 1), np.nan)
+
+
 def plot_curves(curves, path, title, ylabel="loss", xlabel="step", logy=False):
   """Line plot of several curves, saved as PNG.
 
@@ -96,10 +150,7 @@ def plot_curves(curves, path, title, ylabel="loss", xlabel="step", logy=False):
   if curves:
     ax.legend(fontsize=8)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
 def plot_panels(panels, path, title, ylabel="loss", xlabel="step", ylim=None, columns=4,
@@ -138,14 +189,23 @@ def plot_panels(panels, path, title, ylabel="loss", xlabel="step", ylim=None, co
     ax.set_xlabel(xlabel)
   fig.suptitle(title)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
-def plot_heatmap(matrix, row_labels, col_labels, path, title, value_format="{:.2f}", cmap="viridis"):
-  """Heat map of a [rows, cols] matrix with each cell annotated, saved as PNG."""
+def plot_heatmap(matrix, row_labels, col_labels, path, title, value_format="{:.2f}", cmap="viridis",
+                 vmin=None, vmax=None, cell_text=None, separator_after_row=None, colorbar_label=None):
+  """Heat map of a [rows, cols] matrix with each cell annotated, saved as PNG.
+
+  Args:
+    matrix: <float>[R, C]; NaN cells are blank.
+    row_labels, col_labels: R and C labels.
+    path: output file (.png, local or gs://).
+    value_format: annotation of each cell (unless cell_text is given).
+    vmin, vmax: the colour scale's limits (default: the data's).
+    cell_text: [R][C] strings to print in the cells instead of value_format.
+    separator_after_row: draw a white line below this row index (e.g. above a summary row).
+    colorbar_label: text next to the colour bar.
+  """
   matrix = np.asarray(matrix, dtype=np.float64)
   if matrix.shape != (len(row_labels), len(col_labels)):
     raise ValueError(f"plot_heatmap: matrix shape {matrix.shape} does not match "
@@ -154,19 +214,170 @@ def plot_heatmap(matrix, row_labels, col_labels, path, title, value_format="{:.2
   height = max(2.5, 0.32 * len(row_labels) + 1.5)
   width = max(4.0, 1.0 * len(col_labels) + 2.0)
   fig, ax = plt.subplots(figsize=(width, height), dpi=110)
-  im = ax.imshow(matrix, aspect="auto", cmap=cmap)
+  im = ax.imshow(matrix, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax)
   ax.set_xticks(range(len(col_labels)), labels=col_labels, rotation=30, ha="right", fontsize=8)
   ax.set_yticks(range(len(row_labels)), labels=row_labels, fontsize=8)
   if matrix.size <= 400:
-    top = np.nanmax(matrix) if matrix.size else 0
     for i in range(matrix.shape[0]):
       for j in range(matrix.shape[1]):
-        ax.text(j, i, value_format.format(matrix[i, j]), ha="center", va="center", fontsize=7,
-                color="black" if matrix[i, j] > 0.6 * top else "white")
-  fig.colorbar(im, ax=ax)
+        if cell_text is not None:
+          text = cell_text[i][j]
+        else:
+          text = "" if math.isnan(matrix[i, j]) else value_format.format(matrix[i, j])
+        red, green, blue, _ = im.cmap(im.norm(matrix[i, j]))
+        bright = 0.299 * red + 0.587 * green + 0.114 * blue > 0.5  # text dark on a light cell
+        ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                color="black" if bright else "white")
+  if separator_after_row is not None:
+    ax.axhline(separator_after_row + 0.5, color="white", linewidth=3)
+  bar = fig.colorbar(im, ax=ax)
+  if colorbar_label:
+    bar.set_label(colorbar_label, fontsize=8)
   ax.set_title(title, fontsize=10)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
+
+
+def plot_loss_curves(train, path, title, validation=None, window=None, ylabel="loss",
+                     xlabel="step", logy=False):
+  """Training curves as a faint raw line and a bold smoothed line, validation losses as points.
+
+  Args:
+    train: {label: (steps, values)} training losses (NaN drawn as gaps).
+    path: output file (.png, local or gs://).
+    title: the figure's title.
+    validation: {label: (steps, values)} validation losses, drawn as markers in the colour of the
+      training curve of the same label (a label absent from `train` gets its own colour).
+    window: points of the trailing moving average (default: a tenth of the longest curve, >= 1).
+  """
+  plt = _pyplot()
+  validation = validation or {}
+  fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+  longest = max([len(v) for _, v in train.values()] or [1])
+  window = window or max(1, longest // 10)
+  colours = {}
+  for label, (steps, values) in train.items():
+    steps = np.asarray(steps)
+    raw, = ax.plot(steps, np.asarray(values, dtype=np.float64), linewidth=0.8, alpha=0.3)
+    colours[label] = raw.get_color()
+    ax.plot(steps, smooth(values, window), color=colours[label], linewidth=1.8,
+            label=f"{label} (train, mean of {window})" if window > 1 else f"{label} (train)")
+  for label, (steps, values) in validation.items():
+    ax.plot(np.asarray(steps), np.asarray(values, dtype=np.float64), linestyle="none",
+            marker="o", markersize=6, markeredgecolor="black", color=colours.get(label),
+            label=f"{label} (validation)")
+  ax.set_title(title)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  if logy:
+    ax.set_yscale("log")
+  ax.grid(alpha=0.3)
+  if train or validation:
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+STACKS = ("encoder", "decoder")
+
+
+def plot_entropy_bars(series, path, title, errors=None, ylabel="router entropy / ln E"):
+  """Bars of routing entropy over its bound ln E per sparse layer; one panel per stack.
+
+  Args:
+    series: {label: {"encoder": [v per sparse layer], "decoder": [...]}}, v = entropy / ln E in
+      [0, 1]; a stack may be missing or shorter in some series (e.g. the paper's six layers).
+    path: output file (.png, local or gs://).
+    title: the figure's title.
+    errors: {label: {stack: [std per layer]}} drawn as error bars (e.g. over seeds), optional.
+  """
+  plt = _pyplot()
+  errors = errors or {}
+  stacks = [s for s in STACKS if any(series[l].get(s) for l in series)]
+  if not stacks:
+    raise ValueError(f"plot_entropy_bars: no encoder or decoder values in {sorted(series)}")
+  fig, axes = plt.subplots(1, len(stacks), figsize=(4.0 * len(stacks) + 1.0, 3.6), dpi=110,
+                           sharey=True, squeeze=False)
+  width = 0.8 / max(1, len(series))
+  for ax, stack in zip(axes[0], stacks):
+    layers = max(len(series[l].get(stack) or []) for l in series)
+    for i, label in enumerate(series):
+      values = np.asarray(series[label].get(stack) or [], dtype=np.float64)
+      std = errors.get(label, {}).get(stack)
+      x = np.arange(1, len(values) + 1) + (i - (len(series) - 1) / 2) * width
+      ax.bar(x, values, width=width, label=label,
+             yerr=None if std is None else np.asarray(std, dtype=np.float64), capsize=2)
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+    ax.text(0.5, 1.01, "uniform (ln E)", fontsize=7, va="bottom")
+    ax.set_xticks(range(1, layers + 1))
+    ax.set_xlabel(f"{stack} sparse layer")
+    ax.set_title(stack, fontsize=10)
+    ax.set_ylim(0.0, 1.12)
+    ax.grid(axis="y", alpha=0.3)
+  axes[0][0].set_ylabel(ylabel)
+  axes[0][-1].legend(fontsize=7, loc="lower right")
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def plot_routing_heatmap(shares, base_rates, class_names, path, title):
+  """Each expert's first-choice tokens split by class, above the row of all tokens (base rates).
+
+  Args:
+    shares: <float>[E, T] rows sum to 1 (an idle expert's row is 0).
+    base_rates: <float>[T] the classes' shares of all traced tokens.
+    class_names: T column labels.
+    path: output file (.png, local or gs://).
+    title: the figure's title.
+  An expert that specialises stands out against the bottom row: the colour scale is the share,
+  0 to 1, the same in every layer's picture.
+  """
+  shares = np.asarray(shares, dtype=np.float64)
+  matrix = np.vstack([shares, np.asarray(base_rates, dtype=np.float64)[None, :]])
+  rows = [f"expert {e}" for e in range(shares.shape[0])] + ["all tokens (base rate)"]
+  return plot_heatmap(matrix, rows, list(class_names), path, title, value_format="{:.2f}",
+                      vmin=0.0, vmax=1.0, separator_after_row=shares.shape[0] - 1,
+                      colorbar_label="share of the expert's tokens")
+
+
+def plot_capacity_grid(values, train_factors, eval_factors, path, title, value_format="{:.3f}",
+                       min_span=None, higher_is_better=True, colorbar_label="mean over seeds"):
+  """Grid of a metric by (train, eval) capacity factor, cells "mean +- std" over seeds.
+
+  The colour scale spans at least `min_span` (default: 4 x the largest std over seeds, so that
+  differences within seed noise look alike; with a single seed, the data's range) around the
+  cells' means.
+
+  Args:
+    values: [len(train_factors)][len(eval_factors)] lists of per-seed values (None for missing).
+    train_factors, eval_factors: the capacity factors of the rows and columns.
+    path: output file (.png, local or gs://).
+    title: the figure's title.
+    value_format: format of mean and std.
+    min_span: the narrowest colour range, in the metric's units.
+    higher_is_better: bright is better (False flips the colour map).
+  """
+  means = np.full((len(train_factors), len(eval_factors)), np.nan)
+  stds = []
+  text = []
+  for i, row in enumerate(values):
+    text.append([])
+    for j, cell in enumerate(row):
+      cell = [float(v) for v in (cell or []) if v is not None and not math.isnan(float(v))]
+      if cell:
+        means[i, j] = float(np.mean(cell))
+      if len(cell) > 1:
+        stds.append(float(np.std(cell, ddof=1)))
+      text[-1].append(format_mean_std(cell, value_format))
+  if min_span is None:
+    min_span = 4 * max(stds) if stds else 0.0
+  finite = means[np.isfinite(means)]
+  low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+  if high - low < min_span:
+    middle = (high + low) / 2
+    low, high = middle - min_span / 2, middle + min_span / 2
+  return plot_heatmap(means, [f"train {c:g}" for c in train_factors],
+                      [f"eval {c:g}" for c in eval_factors], path, title,
+                      cmap="viridis" if higher_is_better else "viridis_r", vmin=low, vmax=high,
+                      cell_text=text, colorbar_label=colorbar_label)

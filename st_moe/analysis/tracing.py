@@ -12,7 +12,7 @@ Dimensions: B sequences, L length, K choices per token, E experts, N traced toke
 import dataclasses
 import json
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import mesh_tensorflow as mtf
 from mesh_tensorflow.transformer import utils as mtf_utils
@@ -36,22 +36,35 @@ class LayerTrace:
   gates: np.ndarray  # <float32>[N, K]
   kept: np.ndarray  # <bool>[N, K]
   router_probs: np.ndarray  # <float32>[N, E]
-  layer_metrics: Dict[str, float]  # the layer's own summaries (fraction_dropped, entropy, ...)
+  # The layer's own summaries (fraction_dropped, entropy, ...), averaged over the batches run,
+  # which may hold tokens beyond the traced ones (the rest of the last row, padding rows).
+  layer_metrics: Dict[str, float]
+  sequence_length: Optional[Dict[str, int]] = None  # the lengths the model was run at
+
+
+OPERATIVE_CONFIG = "operative_config.gin"
+# The second-expert policy the tracer evaluates with: "threshold" keeps a second choice iff its gate
+# exceeds the layer's threshold, so the same checkpoint and tokens give the same trace every time
+# ("random", the models' evaluation default, samples that decision).
+DETERMINISTIC_SECOND_POLICY = "threshold"
 
 
 def _stack_of(name):
   return "decoder" if name.startswith("decoder") else "encoder"
 
 
-def load_examples(task_name, split, sequence_length, num_tokens, batch_size):
-  """Batches of padded, unpacked examples until `num_tokens` encoder tokens are collected.
+def load_examples(task_name, split, sequence_length, num_tokens, batch_size, seed=0):
+  """Padded, unpacked examples until `num_tokens` encoder tokens are read, padded to whole batches.
+
+  Reads no example beyond the one that reaches `num_tokens`; rows added to fill the last batch are
+  all padding. `seed` fixes the task's random preprocessing (span corruption draws its spans).
 
   Returns:
     (inputs <int32>[B_total, Li], targets <int32>[B_total, Lt], vocabulary)
   """
   import seqio  # pylint: disable=g-import-not-at-top
   task = seqio.get_mixture_or_task(task_name)
-  ds = task.get_dataset(sequence_length, split=split, shuffle=False, use_cached=False,
+  ds = task.get_dataset(sequence_length, split=split, shuffle=False, seed=seed, use_cached=False,
                         try_in_mem_cache=False)
   inputs, targets = [], []
   total = 0
@@ -65,7 +78,7 @@ def load_examples(task_name, split, sequence_length, num_tokens, batch_size):
     inputs.append(row_in)
     targets.append(row_tg)
     total += int(np.count_nonzero(row_in))
-    if total >= num_tokens and len(inputs) % batch_size == 0:
+    if total >= num_tokens:
       break
   if not inputs:
     raise ValueError(f"task {task_name!r} split {split!r} gave no examples")
@@ -76,17 +89,88 @@ def load_examples(task_name, split, sequence_length, num_tokens, batch_size):
   return np.stack(inputs), np.stack(targets), vocabulary
 
 
+def traced_masks(inputs, targets, num_tokens):
+  """Which positions are traced: the first `num_tokens` non-padding encoder tokens, row by row.
+
+  Args:
+    inputs: <int32>[B, Li]; targets: <int32>[B, Lt] (0 is padding).
+    num_tokens: encoder tokens to trace.
+
+  Returns:
+    (encoder mask <bool>[B, Li], decoder mask <bool>[B, Lt]): the decoder positions traced are the
+    non-padding targets of the rows whose encoder tokens are traced (a row cut by the budget
+    counts as traced).
+  """
+  nonpad = inputs != 0
+  order = np.cumsum(nonpad.reshape(-1)).reshape(inputs.shape)  # 1-based index among tokens
+  encoder = nonpad & (order <= num_tokens)
+  decoder = (targets != 0) & encoder.any(axis=1, keepdims=True)
+  return encoder, decoder
+
+
+def model_dir_config(model_dir):
+  """The operative_config.gin t5_mesh_transformer wrote to `model_dir`, or None if there is none."""
+  if not model_dir:
+    return None
+  path = os.path.join(model_dir, OPERATIVE_CONFIG)
+  return path if tf.io.gfile.exists(path) else None
+
+
 def trace(gin_files, gin_params, model_dir, task_name, split="validation", num_tokens=2048,
-          batch_size=8, sequence_length=None, checkpoint_path=None) -> List[LayerTrace]:
-  """Runs the model over `num_tokens` tokens of the task and returns one LayerTrace per sparse call."""
-  model_graph.parse_gin(gin_files, gin_params)
+          batch_size=8, sequence_length=None, checkpoint_path=None,
+          second_policy_eval=DETERMINISTIC_SECOND_POLICY, seed=0) -> List[LayerTrace]:
+  """Runs the model over `num_tokens` encoder tokens of the task; one LayerTrace per sparse call.
+
+  The model is the one `model_dir/operative_config.gin` describes (t5_mesh_transformer writes it),
+  with `gin_files` and `gin_params` parsed on top (e.g. a CPU layout for a TPU-trained model);
+  without an operative config, `gin_files` alone.
+
+  Args:
+    gin_files: more gin files (bare names resolve as in t5_mesh_transformer); may be empty when
+      `model_dir` holds an operative config.
+    gin_params: gin bindings, parsed last.
+    model_dir: the trained model's folder.
+    task_name, split: the SeqIO task (or mixture) and split to read.
+    num_tokens: encoder tokens (non-padding) to trace; decoder tokens are those of the same rows.
+    batch_size: sequences per batch run.
+    sequence_length: {"inputs", "targets"}; default: utils.run.sequence_length of the gin config.
+    checkpoint_path: a checkpoint; default: the latest in `model_dir`.
+    second_policy_eval: bound to st_moe.SparseFFN.second_policy_eval (None: keep the model's);
+      the default, "threshold", makes the trace deterministic.
+    seed: seed of the task's random preprocessing (the same seed reads the same tokens).
+
+  Returns:
+    (list of LayerTrace, the task's vocabulary).
+
+  Raises:
+    ValueError: no gin configuration, no sequence length, num_tokens < 1, a model without
+      st_moe.SparseFFN layers.
+    FileNotFoundError: no checkpoint.
+  """
+  if num_tokens < 1:
+    raise ValueError(f"num_tokens={num_tokens}: trace at least 1 token")
+  operative = model_dir_config(model_dir)
+  files = ([operative] if operative else []) + list(gin_files or [])
+  if not files:
+    raise ValueError(f"model_dir={model_dir!r} has no {OPERATIVE_CONFIG} and no gin file was "
+                     "given: give the model's gin files, e.g. --gin_file=st_moe_tiny.gin")
+  params = list(gin_params or [])
+  if second_policy_eval is not None:
+    params.append(f"st_moe.SparseFFN.second_policy_eval = {second_policy_eval!r}")
+  # An operative config may name t5's dataset functions; the tracer does not need them.
+  model_graph.parse_gin(files, params, skip_unknown=bool(operative))
   import st_moe.tasks  # pylint: disable=g-import-not-at-top,unused-import
   if sequence_length is None:
-    sequence_length = model_graph.query("utils.run.sequence_length", None) or {
-        "inputs": 128, "targets": 32}
+    sequence_length = model_graph.query("utils.run.sequence_length", None)
+  if not sequence_length:
+    raise ValueError(f"no sequence length: utils.run.sequence_length is not bound in {files}; "
+                     "give --inputs_length and --targets_length (or the run's gin file)")
+  if isinstance(sequence_length, int):
+    sequence_length = {"inputs": sequence_length, "targets": sequence_length}
   sequence_length = {k: int(sequence_length[k]) for k in ("inputs", "targets")}
   inputs, targets, vocabulary = load_examples(task_name, split, sequence_length, num_tokens,
-                                              batch_size)
+                                              batch_size, seed=seed)
+  encoder_mask, decoder_mask = traced_masks(inputs, targets, num_tokens)
   mesh_shape, layout_rules = model_graph.gin_mesh_and_layout()
   checkpoint_path = checkpoint_path or tf.train.latest_checkpoint(model_dir)
   if checkpoint_path is None:
@@ -137,13 +221,15 @@ def trace(gin_files, gin_params, model_dir, task_name, split="validation", num_t
       for start in range(0, len(inputs), batch_size):
         batch_in = inputs[start:start + batch_size]
         batch_tg = targets[start:start + batch_size]
+        masks = {"encoder": encoder_mask[start:start + batch_size],
+                 "decoder": decoder_mask[start:start + batch_size]}
         values = sess.run(fetches, {tf_in: batch_in, tf_tg: batch_tg})
         # The decoder at position t reads the previous target token (0 at t = 0).
         dec_in = np.concatenate([np.zeros_like(batch_tg[:, :1]), batch_tg[:, :-1]], axis=1)
         for r, v in zip(records, values):
           stack = _stack_of(r.name)
           tokens = batch_in if stack == "encoder" else dec_in
-          mask = (batch_in if stack == "encoder" else batch_tg) != 0
+          mask = masks[stack]
           acc = per_layer.setdefault(r.name, {"stack": stack, "tokens": [], "metrics": {}})
           acc["tokens"].append(tokens[mask])
           for key, arr in v.items():
@@ -161,7 +247,8 @@ def trace(gin_files, gin_params, model_dir, task_name, split="validation", num_t
         gates=np.concatenate(acc["gates"]).astype(np.float32),
         kept=np.concatenate(acc["kept"]) > 0.5,
         router_probs=np.concatenate(acc["router_probs"]).astype(np.float32),
-        layer_metrics={k: float(np.mean(v)) for k, v in acc["metrics"].items()}))
+        layer_metrics={k: float(np.mean(v)) for k, v in acc["metrics"].items()},
+        sequence_length=dict(sequence_length)))
   return traces, vocabulary
 
 
@@ -191,6 +278,7 @@ def analyse(layer: LayerTrace, vocabulary, top_n=6):
   summary = {
       "name": layer.name, "stack": layer.stack, "num_experts": layer.num_experts,
       "num_tokens": int(layer.token_ids.size),
+      "sequence_length": layer.sequence_length,
       "uniform_entropy": rs.uniform_entropy(layer.num_experts),
       "router_entropy": rs.mean_router_entropy(layer.router_probs),
       "load_entropy": rs.load_entropy(top1, layer.num_experts),
@@ -214,8 +302,8 @@ def _short(name):
 
 def write_report(summaries, out_dir, title="Routing trace"):
   """routing.md, routing.json and one heat map PNG per layer (plus an entropy chart) in out_dir."""
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "routing.json"), "w") as f:
+  tf.io.gfile.makedirs(out_dir)
+  with tf.io.gfile.GFile(os.path.join(out_dir, "routing.json"), "w") as f:
     json.dump(summaries, f, indent=1)
   rows = []
   for s in summaries:
@@ -230,10 +318,9 @@ def write_report(summaries, out_dir, title="Routing trace"):
                 "dropped %", "specialised experts"], rows)]
   for i, s in enumerate(summaries):
     png = f"layer_{i:02d}_{s['stack']}_classes.png"
-    reporting.plot_heatmap(
-        np.asarray(s["class_shares"]), [f"expert {e}" for e in range(s["num_experts"])],
-        list(rs.TOKEN_CLASSES), os.path.join(out_dir, png),
-        f"{_short(s['name'])}: share of each expert's tokens by class")
+    reporting.plot_routing_heatmap(
+        s["class_shares"], s["base_rates"], rs.TOKEN_CLASSES, os.path.join(out_dir, png),
+        f"{_short(s['name'])}: each expert's tokens by class")
     lines += [f"#### {_short(s['name'])}", "",
               "base rates: " + ", ".join(f"{c} {100 * r:.0f}%" for c, r in
                                          zip(rs.TOKEN_CLASSES, s["base_rates"])), ""]
@@ -248,15 +335,13 @@ def write_report(summaries, out_dir, title="Routing trace"):
                           "; ".join(special.get(e, []))])
     lines += [reporting.markdown_table(["expert", "load", "most frequent tokens", "specialises in"],
                                        expert_rows), f"![classes]({png})", ""]
-  entropies = {"router entropy": ([i for i, _ in enumerate(summaries)],
-                                  [s["router_entropy"] for s in summaries]),
-               "ln E": ([i for i, _ in enumerate(summaries)],
-                        [s["uniform_entropy"] for s in summaries])}
-  reporting.plot_curves(entropies, os.path.join(out_dir, "entropy.png"),
-                        "Routing entropy per sparse layer (encoder first, then decoder)",
-                        ylabel="nats", xlabel="sparse layer")
+  by_stack = {stack: [s["router_entropy"] / s["uniform_entropy"] for s in summaries
+                      if s["stack"] == stack] for stack in reporting.STACKS}
+  reporting.plot_entropy_bars({"router entropy / ln E": by_stack},
+                              os.path.join(out_dir, "entropy.png"),
+                              "Routing entropy per sparse layer (1 = uniform over the experts)")
   lines.insert(5, "![entropy](entropy.png)\n")
   text = "\n".join(lines) + "\n"
-  with open(os.path.join(out_dir, "routing.md"), "w") as f:
+  with tf.io.gfile.GFile(os.path.join(out_dir, "routing.md"), "w") as f:
     f.write(text)
   return text
