@@ -2,6 +2,10 @@
 
   python tools/inspect_task.py --task=st_moe_embedded_span_corruption --split=validation --n=3
   python tools/inspect_task.py --task=st_moe_super_glue_boolq --vocabulary=embedded --mock_data
+  python tools/inspect_task.py --module_import=my_tasks --task=my_task --split=train
+
+`--module_import` (repeatable, as in t5_mesh_transformer) imports the module that registers your
+own task first; the module must be importable (installed, or on PYTHONPATH).
 
 Prints, per example, the text before tokenization (when the task keeps it), the token ids and the
 decoded inputs and targets. `--vocabulary=embedded|bytes` runs the same task definition with a local
@@ -9,6 +13,7 @@ vocabulary (T5's default cannot be downloaded everywhere); `--mock_data` feeds T
 examples from `tfds.testing.mock_data` instead of prepared data.
 """
 import contextlib
+import importlib
 import sys
 
 from absl import app
@@ -30,6 +35,8 @@ flags.DEFINE_enum("vocabulary", "task", ["task", "embedded", "bytes"],
 flags.DEFINE_bool("mock_data", False, "Read TFDS sources from tfds.testing.mock_data.")
 flags.DEFINE_string("tfds_data_dir", None, "TFDS data directory (like --t5_tfds_data_dir).")
 flags.DEFINE_integer("seed", 0, "Seed of the task's random preprocessing.")
+flags.DEFINE_multi_string("module_import", None, "Module to import before looking up --task, "
+                          "e.g. the module registering your own task (repeatable).")
 
 _LOCAL_SUFFIX = "_inspect_local"
 
@@ -44,7 +51,8 @@ def resolve_task(name, vocabulary_kind):
   """Returns the seqio.Task to show, re-registering it with a local vocabulary if asked."""
   if name not in seqio.TaskRegistry.names():
     known = ", ".join(sorted(n for n in seqio.TaskRegistry.names() if n.startswith("st_moe_")))
-    raise ValueError(f"--task={name!r} is not a registered task; st-moe's tasks: {known}")
+    raise ValueError(f"--task={name!r} is not a registered task (your own task: add "
+                     f"--module_import=<the module registering it>); st-moe's tasks: {known}")
   if vocabulary_kind == "task":
     return seqio.get_mixture_or_task(name)
   benchmark = {families.task_name(b.name): b for b in families.all_benchmarks()}.get(name)
@@ -81,6 +89,12 @@ def main(argv):
   del argv
   if not FLAGS.task:
     raise app.UsageError("--task is required, e.g. --task=st_moe_embedded_span_corruption")
+  for module in FLAGS.module_import or []:
+    try:
+      importlib.import_module(module)
+    except ImportError as e:
+      raise app.UsageError(f"--module_import={module}: cannot import it ({e}); put it on "
+                           "PYTHONPATH or install it") from e
   if FLAGS.tfds_data_dir:
     seqio.set_tfds_data_dir_override(FLAGS.tfds_data_dir)
   task = resolve_task(FLAGS.task, FLAGS.vocabulary)

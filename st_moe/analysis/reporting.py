@@ -305,10 +305,12 @@ def plot_entropy_bars(series, path, title, errors=None, ylabel="router entropy /
       values = np.asarray(series[label].get(stack) or [], dtype=np.float64)
       std = errors.get(label, {}).get(stack)
       x = np.arange(1, len(values) + 1) + (i - (len(series) - 1) / 2) * width
-      ax.bar(x, values, width=width, label=label,
-             yerr=None if std is None else np.asarray(std, dtype=np.float64), capsize=2)
+      bars = ax.bar(x, values, width=width, label=label,
+                    yerr=None if std is None else np.asarray(std, dtype=np.float64), capsize=2)
+      if len(values) * len(series) <= 24:
+        ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
-    ax.text(0.5, 1.01, "uniform (ln E)", fontsize=7, va="bottom")
+    ax.text(layers + 0.5, 1.01, "uniform (ln E)", fontsize=7, va="bottom", ha="right")
     ax.set_xticks(range(1, layers + 1))
     ax.set_xlabel(f"{stack} sparse layer")
     ax.set_title(stack, fontsize=10)
