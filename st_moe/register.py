@@ -7,7 +7,10 @@ importing this module registers, once per process:
   * gin: the project's file reader, so bare names resolve (`st_moe.gin_paths`);
   * the gin configurables the gin files name: `st_moe.SparseFFN`, `st_moe.sparse_layer_stack`,
     `st_moe.generated_layer_stack`, `st_moe.sublayer_rms_norm_no_scale`,
-    `st_moe.seeded_train_dataset_fn`;
+    `st_moe.seeded_train_dataset_fn`, `st_moe.GuardedOptimizer` (`st_moe.guard`: skips and counts
+    training steps with a non-finite gradient or update, stops the run after K in a row);
+  * gin finalize hook `st_moe.guard.preflight`: before t5_mesh_transformer builds a graph, a batch
+    size the mesh does not divide and an unreadable latest checkpoint are named with what to change;
   * the SeqIO tasks and mixtures of `st_moe.tasks`;
   * TF1 resource variables (`use_resource_variables`).
 
@@ -24,6 +27,7 @@ gin_paths.register()
 # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
 import tensorflow.compat.v1 as tf
 
+from st_moe import guard
 from st_moe import layers
 from st_moe import norms
 from st_moe import stacking
