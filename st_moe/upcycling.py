@@ -499,8 +499,10 @@ def upcycle(dense_checkpoint, gin_files, out_dir, gin_params=(), vocab_size=3210
     (the written checkpoint prefix, the Plan).
   """
   dense_checkpoint = resolve_checkpoint(dense_checkpoint)
-  reader = tf.train.load_checkpoint(dense_checkpoint)
-  dense_shapes = dict(tf.train.list_variables(dense_checkpoint))
+  reader = tf.compat.v1.train.NewCheckpointReader(dense_checkpoint)
+  # The reader directly (tf.train.list_variables / load_checkpoint probe for directories, which
+  # some file systems answer oddly).
+  dense_shapes = dict(sorted(reader.get_variable_to_shape_map().items()))
   dense_step = (int(reader.get_tensor(GLOBAL_STEP)) if reader.has_tensor(GLOBAL_STEP) else None)
   variables, stddevs, adafactor = sparse_variables(gin_files, gin_params, vocab_size)
   the_plan = plan(dense_shapes, variables, stddevs, adafactor, extra_dense_ffn=extra_dense_ffn,
