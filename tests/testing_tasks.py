@@ -34,3 +34,38 @@ if TASK_NAME not in seqio.TaskRegistry.names():
       output_features={"inputs": seqio.Feature(VOCABULARY, add_eos=True),
                        "targets": seqio.Feature(VOCABULARY, add_eos=True)},
       metric_fns=[])
+
+# A decodable task with a text metric, for fine-tuning and evaluation-by-decoding tests: the input
+# is a word of Python's pydoc text, the target the same word reversed; exact-match accuracy.
+REVERSE_TASK_NAME = "st_moe_test_reverse_word"
+REVERSE_VALIDATION_SIZE = 16
+
+
+def _words():
+  """Distinct lower-case alphabetic words of 3 to 8 letters, in first-seen order."""
+  seen = {}
+  for _, text in sorted(topics.topics.items()):
+    for word in text.split():
+      if word.isalpha() and word.isascii() and 3 <= len(word) <= 8:
+        seen.setdefault(word.lower(), None)
+  return list(seen)
+
+
+def _reverse_dataset_fn(split, shuffle_files=False, seed=None):
+  del shuffle_files, seed
+  words = _words()
+  words = (words[:-REVERSE_VALIDATION_SIZE] if split == "train"
+           else words[-REVERSE_VALIDATION_SIZE:])
+  return tf.data.Dataset.from_tensor_slices({"inputs": words,
+                                             "targets": [w[::-1] for w in words]})
+
+
+if REVERSE_TASK_NAME not in seqio.TaskRegistry.names():
+  from t5.evaluation import metrics  # pylint: disable=g-import-not-at-top
+  seqio.TaskRegistry.add(
+      REVERSE_TASK_NAME,
+      source=seqio.FunctionDataSource(_reverse_dataset_fn, splits=["train", "validation"]),
+      preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
+      output_features={"inputs": seqio.Feature(VOCABULARY, add_eos=True),
+                       "targets": seqio.Feature(VOCABULARY, add_eos=True)},
+      metric_fns=[metrics.accuracy])
