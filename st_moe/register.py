@@ -12,7 +12,10 @@ importing this module registers, once per process:
   * gin finalize hook `st_moe.guard.preflight`: before t5_mesh_transformer builds a graph, a batch
     size the mesh does not divide and an unreadable latest checkpoint are named with what to change;
   * the SeqIO tasks and mixtures of `st_moe.tasks`;
-  * TF1 resource variables (`use_resource_variables`).
+  * TF1 resource variables (`use_resource_variables`);
+  * loss and router summaries in the event files on the CPU as on a TPU (`st_moe.summaries`: wraps
+    mesh_tensorflow's `tpu_estimator_model_fn`; `st_moe.event_summaries.enabled=False` turns it
+    off).
 
 Nothing else in the package has a process-wide side effect: importing a model module
 (`st_moe.routing`, `st_moe.layers`) registers its gin configurables and nothing more.
@@ -31,6 +34,7 @@ from st_moe import guard
 from st_moe import layers
 from st_moe import norms
 from st_moe import stacking
+from st_moe import summaries
 from st_moe.experiments import seeding
 from st_moe import tasks
 # pylint: enable=g-import-not-at-top,wrong-import-position,unused-import
@@ -58,3 +62,4 @@ def use_resource_variables():
 
 
 use_resource_variables()
+summaries.install()

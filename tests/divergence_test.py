@@ -39,7 +39,7 @@ class DivergenceTest(absltest.TestCase):
 
   def test_small_rise_below_threshold_is_not_a_divergence(self):
     # running min ~2.42; threshold = min + max(1.0, 0.5*2.42) = ~3.63
-    curve = healthy(30) + [3.5] * 10
+    curve = healthy(30) + list(3.5 + 0.01 * np.cos(np.arange(10)))
     self.assertIsNone(divergence.find_divergence(curve))
 
   def test_monitor_keeps_reporting_once_diverged(self):
@@ -50,6 +50,81 @@ class DivergenceTest(absltest.TestCase):
   def test_bad_settings_are_named(self):
     with self.assertRaisesRegex(ValueError, "patience=0"):
       divergence.DivergenceMonitor(patience=0)
+    with self.assertRaisesRegex(ValueError, r"collapse_dropped=1.5: must be a fraction in \[0, 1\)"):
+      divergence.DivergenceMonitor(collapse_dropped=1.5)
+    with self.assertRaisesRegex(ValueError, "frozen_patience=True: must be an integer >= 1"):
+      divergence.DivergenceMonitor(frozen_patience=True)
+
+
+def balanced(n, dropped=0.04, share=0.3, experts=4, seed=0):
+  """Router metrics of a healthy run: a few percent dropped, first choices near 1 / E."""
+  rng = np.random.default_rng(seed)
+  return [{"max_dropped": dropped + 0.02 * rng.random(), "num_experts": experts,
+           "max_expert_share": share + 0.05 * rng.random(), "consecutive_skipped": 0.0}
+          for _ in range(n)]
+
+
+class FrozenAndCollapseTest(absltest.TestCase):
+
+  def test_healthy_noisy_run_with_router_metrics_passes(self):
+    rng = np.random.default_rng(1)
+    curve = list(4.0 * np.exp(-np.arange(200) / 50.0) + 1.5 + 0.03 * rng.standard_normal(200))
+    self.assertIsNone(divergence.find_divergence(curve, metrics=balanced(200)))
+
+  def test_exactly_constant_loss_is_frozen_after_patience(self):
+    # The learning-rate-1000 run: the loss moved for two steps, then stayed at 7.0142.
+    curve = [10.4, 84.0, 7.0142] + [7.0142] * 20
+    found = divergence.find_divergence(curve, steps=list(range(1, 24)), warmup=50,
+                                       frozen_patience=5)
+    self.assertEqual(found.kind, "frozen")
+    self.assertEqual(found.step, 8)  # steps 4..8: five unchanged observations after step 3
+    self.assertIn("has not moved", found.reason)
+
+  def test_change_above_tolerance_is_not_frozen(self):
+    # Changes of 1e-3 on a loss of ~5 (2e-4 relative, above frozen_rtol = 1e-5) never freeze.
+    curve = [5.0 + 1e-3 * (i % 2) for i in range(40)]
+    self.assertIsNone(divergence.find_divergence(curve))
+    # Changes of 1e-6 (2e-7 relative) do.
+    curve = [5.0 + 1e-6 * (i % 2) for i in range(40)]
+    self.assertEqual(divergence.find_divergence(curve).kind, "frozen")
+
+  def test_skipped_updates_freeze_the_run_even_when_the_loss_moves(self):
+    curve = healthy(30)
+    rows = balanced(30)
+    for i, row in enumerate(rows[10:]):
+      row["consecutive_skipped"] = float(i + 1)  # every update from step 10 skipped
+    found = divergence.find_divergence(curve, metrics=rows, frozen_patience=5)
+    self.assertEqual((found.kind, found.step), ("frozen", 14))
+    self.assertIn("5 consecutive updates skipped", found.reason)
+
+  def test_dropped_tokens_above_threshold_for_patience_is_a_collapse(self):
+    curve = healthy(40)
+    rows = balanced(40)
+    for row in rows[20:]:
+      row["max_dropped"] = 0.67
+    found = divergence.find_divergence(curve, metrics=rows, collapse_patience=10)
+    self.assertEqual((found.kind, found.step), ("collapsed", 29))
+    self.assertIn("67% of the tokens", found.reason)
+
+  def test_a_passing_imbalance_is_not_a_collapse(self):
+    curve = healthy(40)
+    rows = balanced(40)
+    for row in rows[20:29]:  # 9 steps, one short of the patience
+      row["max_dropped"], row["max_expert_share"] = 0.8, 0.99
+    self.assertIsNone(divergence.find_divergence(curve, metrics=rows, collapse_patience=10))
+
+  def test_one_expert_taking_nearly_all_tokens_is_a_collapse(self):
+    curve = healthy(40)
+    rows = balanced(40)
+    for row in rows[5:]:
+      row["max_expert_share"] = 1.0
+    found = divergence.find_divergence(curve, metrics=rows, collapse_patience=10)
+    self.assertEqual((found.kind, found.step), ("collapsed", 14))
+    self.assertIn("one expert took 100% of the tokens", found.reason)
+    # A layer of one expert always gives it every token: not a collapse.
+    for row in rows:
+      row["num_experts"] = 1
+    self.assertIsNone(divergence.find_divergence(curve, metrics=rows))
 
 
 if __name__ == "__main__":

@@ -222,18 +222,6 @@ class SparseFFNTest(absltest.TestCase):
     self.assertTrue(np.all(np.isfinite(out["y"])))
     self.assertGreater(np.abs(out["y"]).max(), 0.0)
 
-  def test_print_metrics_prints_the_runner_line(self):
-    layer = layers.SparseFFN(num_experts=4, hidden_size=4, group_size=8, print_metrics=True)
-    graph, mesh, _, _, context = build(layer)
-    self.assertLen(context.losses, 2)
-    mesh_impl = mtf.placement_mesh_impl.PlacementMeshImpl(shape=[], layout={}, devices=[""])
-    mtf.Lowering(graph, {mesh: mesh_impl})
-    messages = [op.get_attr("message") for op in tf.get_default_graph().get_operations()
-                if op.type == "Print"]
-    # st_moe.experiments.runner parses st_moe_router[<name>][<z_loss>][<dropped>]: tf.Print appends the
-    # two values in brackets right after this message.
-    self.assertEqual(messages, [b"st_moe_router[moe]"])
-
   def test_router_summaries_share_one_prefix(self):
     layer = layers.SparseFFN(num_experts=4, hidden_size=4, group_size=8)
     graph, mesh, _, _, _ = build(layer)

@@ -40,43 +40,17 @@ def markdown_table(headers, rows, float_format="{:.4g}"):
 
 
 def read_scalars(log_dir, tags=None):
-  """Scalar summaries from every events file directly in `log_dir`.
+  """Scalar summaries from every events file directly in `log_dir` (local or gs://).
 
-  Reads both TF1 `simple_value` summaries (the Estimator's loss) and TF2 tensor summaries (mtf's
-  host call writes those).
+  Reads both TF1 `simple_value` summaries (the Estimator's loss) and TF2 tensor summaries
+  (st_moe.summaries and mtf's host call write those). `st_moe.experiments.events.read_scalars`.
 
   Returns:
     {tag: (steps <int64>[n], values <float64>[n])}, sorted by step; for a step logged twice (a
     resumed run), the last value wins.
   """
-  import tensorflow.compat.v1 as tf  # pylint: disable=g-import-not-at-top
-  from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
-  from tensorflow.python.framework import tensor_util  # pylint: disable=g-import-not-at-top
-  del event_pb2
-  found = {}
-  for path in sorted(glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))):
-    try:
-      for event in tf.train.summary_iterator(path):
-        for value in event.summary.value:
-          if tags is not None and value.tag not in tags:
-            continue
-          if value.HasField("simple_value"):
-            v = value.simple_value
-          elif value.HasField("tensor"):
-            arr = tensor_util.MakeNdarray(value.tensor)
-            if arr.size != 1 or arr.dtype.kind not in "fiu":
-              continue
-            v = float(arr.reshape(()))
-          else:
-            continue
-          found.setdefault(value.tag, {})[int(event.step)] = float(v)
-    except tf.errors.DataLossError:
-      continue  # a file still being written: what was read so far counts.
-  result = {}
-  for tag, by_step in found.items():
-    steps = np.array(sorted(by_step), dtype=np.int64)
-    result[tag] = (steps, np.array([by_step[s] for s in steps], dtype=np.float64))
-  return result
+  from st_moe.experiments import events  # pylint: disable=g-import-not-at-top
+  return events.read_scalars(log_dir, tags)
 
 
 def _pyplot():
