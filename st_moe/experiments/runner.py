@@ -30,6 +30,7 @@ from st_moe.experiments import divergence as divergence_lib
 from st_moe.experiments import events
 
 REGISTER_MODULE = "st_moe.register"  # imported into every run: loss and router events (summaries)
+STARTED_TAG = "# st_moe.experiments.runner: started "  # second line of every log: unix time
 _PR_SET_PDEATHSIG = 1
 
 
@@ -249,6 +250,7 @@ def run(model_dir, gin_files, gin_params=(), *, tokens_per_step, label="run", ev
   returncode = None
   with gfile.GFile(log_path, "w") as log, _SigtermAsExit():
     log.write(shell_quote(cmd) + "\n")
+    log.write(f"{STARTED_TAG}{started}\n")
     log.flush()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=run_env, bufsize=1,
@@ -284,6 +286,20 @@ def run(model_dir, gin_files, gin_params=(), *, tokens_per_step, label="run", ev
   return result
 
 
+def _attempt_of_log(log_path):
+  """(model_dir, start time) of the attempt that wrote `<model_dir>/logs/<label>.<n>.log`."""
+  with _gfile().GFile(log_path) as f:
+    head = [f.readline() for _ in range(3)]
+  started = None
+  for line in head:
+    if line.startswith(STARTED_TAG):
+      started = float(line[len(STARTED_TAG):])
+  if started is None:
+    raise ValueError(f"{log_path}: not a log of st_moe.experiments.runner (no '{STARTED_TAG}' "
+                     "line): call eval_results(model_dir, since=result.started)")
+  return os.path.dirname(os.path.dirname(log_path)), started
+
+
 def steps_and_losses(model_dir):
   """The whole training curve of a model_dir from its event files: (steps, losses), one loss per
   global step (where attempts overlap, the later one wins)."""
@@ -296,7 +312,8 @@ def eval_results(model_dir, since=None, eval_dir=None):
   """Evaluation results of a model_dir from its event files, sorted by global step.
 
   Args:
-    model_dir: the run's model_dir (its `eval*` folders are read).
+    model_dir: the run's model_dir (its `eval*` folders are read); or the log of one attempt
+      (`RunResult.log_path`), which reads that attempt's evaluations.
     since: a unix time (e.g. `RunResult.started`): only event files created from then on, i.e.
       the evaluations of that attempt.
     eval_dir: only this folder (e.g. "eval_validation_80"); default all.
@@ -306,10 +323,8 @@ def eval_results(model_dir, since=None, eval_dir=None):
     evaluation batches (`<scope>/router/<metric>`; `events.summarise_router_metrics` averages
     them over the layers).
   """
-  if str(model_dir).endswith(".log"):
-    raise ValueError(f"eval_results({model_dir!r}): pass the run's model_dir, not its log (the "
-                     "results come from the event files): eval_results(model_dir, "
-                     "since=result.started)")
+  if str(model_dir).endswith(".log"):  # a run's log: that attempt's evaluations
+    model_dir, since = _attempt_of_log(model_dir)
   found = []
   for name, by_step in events.evaluations(model_dir, since=since).items():
     if eval_dir is not None and name != eval_dir:
