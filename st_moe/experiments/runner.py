@@ -173,13 +173,18 @@ class Progress:
 
 
 def _die_with_parent(parent_pid):
-  """preexec_fn of the child: SIGKILL when the parent dies (Linux), even by SIGKILL."""
+  """preexec_fn of the child: SIGKILL when the parent dies (Linux), even by SIGKILL.
+
+  libc is loaded here, in the parent: the child, forked from a process with threads, only calls
+  prctl and getppid before it execs.
+  """
+  try:
+    prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+  except OSError:
+    return None  # not Linux: the parent's SIGINT/SIGTERM handling still stops the child
+
   def set_death_signal():
-    try:
-      libc = ctypes.CDLL("libc.so.6", use_errno=True)
-      libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except OSError:
-      return  # not Linux: the parent's SIGINT/SIGTERM handling still stops the child
+    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
       os._exit(1)  # pylint: disable=protected-access
   return set_death_signal
