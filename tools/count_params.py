@@ -1,8 +1,10 @@
-r"""Parameters and forward FLOPs per token of a model, from its gin files, on a CPU in seconds.
+r"""Parameters and forward FLOPs (per token and per sequence) of a model, from its gin files.
 
 Builds the model's mtf graph exactly as t5_mesh_transformer would (mesh_tensorflow's defaults.gin,
 then the gin files and bindings) but never lowers it, so nothing is allocated; reads the variables'
-shapes from the graph. See st_moe/model_graph.py for what is counted.
+shapes from the graph. See st_moe/analysis/model_graph.py for what is counted. FLOPs per sequence
+are at --inputs_length + --targets_length tokens, 512 + 114 by default: the unit of the paper's
+Table 11 (ST-MoE-32B 20.2T, ST-MoE-L 645B). Runs on a CPU in seconds.
 
   python tools/count_params.py --gin_file=st_moe_32b.gin
   python tools/count_params.py --gin_file=st_moe_l.gin --json
@@ -29,6 +31,10 @@ def _define_flags():
   flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
   flags.DEFINE_integer("vocab_size", model_graph.T5_VOCAB_SIZE,
                        "Vocabulary size before padding (T5 SentencePiece + 100 sentinels).")
+  flags.DEFINE_integer("inputs_length", model_graph.DEFAULT_SEQUENCE_LENGTH["inputs"],
+                       "Encoder tokens per sequence (the paper's FLOPs/seq: 512).")
+  flags.DEFINE_integer("targets_length", model_graph.DEFAULT_SEQUENCE_LENGTH["targets"],
+                       "Decoder tokens per sequence (the paper's FLOPs/seq: 114).")
   flags.DEFINE_integer("batch_size", 1, "Sequences in the graph built (counts do not depend on "
                        "it; the routing group size is clipped to the tokens).")
 
@@ -54,6 +60,11 @@ def report(counts):
                f"({_fmt(counts.flops_per_token)})")
   for name, value in counts.flops.items():
     lines.append(f"  {name:<18} {value:>18,}")
+  lengths = counts.sequence_length
+  lines.append(f"forward FLOPs per sequence ({lengths['inputs']} + {lengths['targets']} tokens): "
+               f"{counts.flops_per_sequence:,} ({_fmt(counts.flops_per_sequence)}) = "
+               f"{lengths['inputs']} x {_fmt(counts.flops_per_token_encoder)} per encoder token + "
+               f"{lengths['targets']} x {_fmt(counts.flops_per_token_decoder)} per decoder token")
   if counts.num_experts:
     lines.append(f"experts: {counts.num_experts} per sparse layer, FLOPs counted at k = "
                  f"{counts.num_selected_experts} experts per token")
@@ -69,7 +80,12 @@ def main(argv):
   if not FLAGS.gin_file:
     raise app.UsageError("--gin_file is required: a model file, e.g. --gin_file=st_moe_32b.gin")
   model_graph.parse_gin(FLAGS.gin_file, FLAGS.gin_param or [])
+  for name in ("inputs_length", "targets_length", "batch_size", "vocab_size"):
+    if getattr(FLAGS, name) < 1:
+      raise app.UsageError(f"--{name}={getattr(FLAGS, name)}: must be >= 1")
   graph = model_graph.build(vocab_size=FLAGS.vocab_size, batch_size=FLAGS.batch_size,
+                            sequence_length={"inputs": FLAGS.inputs_length,
+                                             "targets": FLAGS.targets_length},
                             mesh_shape="", layout_rules="")
   counts = model_graph.count(graph)
   if FLAGS.json:

@@ -13,7 +13,9 @@ FLOPs per token (`flops_per_token`) are counted analytically from the variables'
 multiply-add, forward pass only, for one token through the encoder plus one token through the
 decoder: every weight matrix is used once per token (2 x its size), an expert weight k times out of
 E (2 x k x size / E), attention scores and their weighted sum 4 x key length x heads x d_kv per
-attention layer, embedding lookups and norms 0. The capacity factor is reported apart: expert
+attention layer, embedding lookups and norms 0. Per sequence (`flops_per_sequence`, the unit of the
+paper's Table 11): inputs length x FLOPs per encoder token + targets length x FLOPs per decoder
+token (the logits count in the decoder); ST-MoE-32B at 512 + 114 comes to 20.44T (paper 20.2T). The capacity factor is reported apart: expert
 buffers hold cf x S slots per group of S tokens (cf x k x S with capacity_multiply_by_k), so the
 experts compute on `expert_flops_at_train_capacity` per token whatever the routing.
 """
@@ -206,6 +208,9 @@ class Counts:
   params: Dict[str, int]
   flops_per_token: int
   flops: Dict[str, int]
+  flops_per_token_encoder: int
+  flops_per_token_decoder: int
+  flops_per_sequence: int
   num_selected_experts: Optional[int]
   num_experts: Optional[int]
   capacity_factor_train: Optional[float]
@@ -240,10 +245,14 @@ def count(model_graph: ModelGraph) -> Counts:
   if has_experts:
     k, num_experts, cf_train, cf_eval, multiply_by_k = _sparse_settings()
     expert_capacity_flops = 0
+  by_stack = {"encoder": 0, "decoder": 0}
   for name, shape in model_graph.variables.items():
     comp = component(name, shape)
     size = shape.size
     params[comp] += size
+    # The logits are computed per decoder token; every other weight belongs to its stack's scope.
+    stack = "decoder" if name.startswith("decoder/") or "/logits/" in name.lower() else "encoder"
+    before = sum(flops.values())
     if comp == "embeddings":
       if "/logits/" in name.lower():
         flops["logits"] += 2 * size
@@ -263,9 +272,13 @@ def count(model_graph: ModelGraph) -> Counts:
         flops["attention_scores"] += 4 * key_len * heads_times_kv
     elif comp in ("dense_ffn", "router"):
       flops[comp] += 2 * size
+    by_stack[stack] += sum(flops.values()) - before
   return Counts(
       total_params=sum(params.values()), params=params,
       flops_per_token=sum(flops.values()), flops=flops,
+      flops_per_token_encoder=by_stack["encoder"], flops_per_token_decoder=by_stack["decoder"],
+      flops_per_sequence=(by_stack["encoder"] * lengths["inputs"]
+                          + by_stack["decoder"] * lengths["targets"]),
       num_selected_experts=k, num_experts=num_experts,
       capacity_factor_train=cf_train, capacity_factor_eval=cf_eval,
       expert_flops_at_train_capacity=expert_capacity_flops,
