@@ -292,3 +292,126 @@ class GuardedOptimizer(optimize.Optimizer):
                           [n for n, _ in checked], [n for n, _ in updates],
                           self._max_consecutive_skips)
     return graph.combine_assignments(gated) + counter_ops + [check]
+
+
+# ---- Pre-flight checks: after gin is parsed, before any graph is built. ----
+
+_PER_BATCH = ("sequences_per_batch", "tokens_per_batch")
+
+
+def batch_size_problem(batch_size, sequence_length, mesh_shape, layout_rules) -> Optional[str]:
+  """Why `utils.run.batch_size` cannot work on this mesh, or None.
+
+  Args:
+    batch_size: utils.run.batch_size, (method, value), e.g. ("tokens_per_batch", 1048576).
+    sequence_length: {"inputs": Li, "targets": Lt} (or an int); None: not checked.
+    mesh_shape: utils.run.mesh_shape, e.g. "batch:32".
+    layout_rules: utils.run.layout_rules, e.g. "batch:batch,experts:batch".
+
+  Returns:
+    None, or the error text: the setting, its value, the mesh dimension and the nearest sizes
+    that work.
+  """
+  from mesh_tensorflow.transformer import utils as mtf_utils  # pylint: disable=g-import-not-at-top
+  method, value = batch_size
+  mesh_text, layout_text = mesh_shape, layout_rules
+  mesh_shape = mtf.convert_to_shape(mesh_shape)
+  layout_rules = mtf.convert_to_layout_rules(layout_rules)
+  lengths = sequence_length if isinstance(sequence_length, dict) else {"": sequence_length}
+  length = max(lengths.values())
+  setting = f"utils.run.batch_size = {(method, value)!r}"
+  if method.startswith("tokens_") and value % length:
+    lo = value // length * length
+    nearest = [v for v in (lo, lo + length) if v > 0]
+    return (f"{setting}: {value} tokens is not a whole number of sequences of the longest "
+            f"sequence length {length} (utils.run.sequence_length = {sequence_length!r}). "
+            "Nearest working sizes: " + " or ".join(repr((method, v)) for v in nearest) + ".")
+  sequences = mtf_utils.compute_batch_size(lengths, mesh_shape, layout_rules, batch_size)
+  axis = layout_rules.tensor_dimension_to_mesh_axis(mtf.Dimension("batch", sequences), mesh_shape)
+  if axis is None:
+    return None
+  mesh_dim = mesh_shape.dims[axis]
+  if sequences % mesh_dim.size == 0:
+    return None
+  unit = length if method.startswith("tokens_") else 1
+  lo = sequences // mesh_dim.size * mesh_dim.size
+  candidates = [s for s in (lo, lo + mesh_dim.size) if s > 0]
+  if method in _PER_BATCH:
+    nearest = [(method, s * unit) for s in candidates]
+  else:  # per replica: never reached (the replicas are the mesh dimension), kept for safety
+    nearest = [("sequences_per_batch", s) for s in candidates]
+  return (f"{setting} gives {sequences} sequences per batch, which the mesh dimension "
+          f"'{mesh_dim.name}' of size {mesh_dim.size} does not divide (the batch is split over it: "
+          f"utils.run.mesh_shape = {mesh_text!r}, utils.run.layout_rules = {layout_text!r}). "
+          "Nearest working sizes: " + " or ".join(repr(n) for n in nearest)
+          + (", or a per-replica size such as ('sequences_per_replica', "
+             f"{max(1, sequences // mesh_dim.size)})" if method in _PER_BATCH else "") + ".")
+
+
+def _query(name, default=None):
+  try:
+    return gin.query_parameter(name)
+  except ValueError:
+    return default
+
+
+def _plain(value) -> bool:
+  """Whether a queried gin value is a literal (not a reference or a macro still to evaluate)."""
+  if isinstance(value, gin.config.ConfigurableReference) or "Reference" in type(value).__name__:
+    return False
+  if isinstance(value, dict):
+    return all(_plain(v) for v in value.values())
+  if isinstance(value, (list, tuple)):
+    return all(_plain(v) for v in value)
+  return True
+
+
+def check_batch_size():
+  """Raises ValueError if utils.run's batch size (as bound in gin) does not fit utils.run's mesh."""
+  batch_size = _query("utils.run.batch_size", ("tokens_per_replica", 2048))
+  sequence_length = _query("utils.run.sequence_length")
+  mesh_shape = _query("utils.run.mesh_shape")
+  layout_rules = _query("utils.run.layout_rules")
+  values = (batch_size, sequence_length, mesh_shape, layout_rules)
+  if any(v is None for v in values) or not all(_plain(v) for v in values):
+    return
+  if not (isinstance(batch_size, (tuple, list)) and len(batch_size) == 2
+          and isinstance(batch_size[1], int)):
+    return
+  problem = batch_size_problem(tuple(batch_size), sequence_length, mesh_shape, layout_rules)
+  if problem:
+    raise ValueError(problem)
+
+
+def _flag(name):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if name not in flags.FLAGS or not flags.FLAGS.is_parsed():
+    return None
+  return getattr(flags.FLAGS, name)
+
+
+def check_model_dir():
+  """Raises checkpoints.UnreadableCheckpointError if --model_dir's latest checkpoint is unreadable."""
+  model_dir = _flag("model_dir")
+  if not model_dir:
+    return
+  from st_moe.experiments import checkpoints  # pylint: disable=g-import-not-at-top
+  checkpoints.check_latest(model_dir)
+
+
+def preflight(config):
+  """The gin finalize hook: `check_batch_size` and `check_model_dir` (t5_mesh_transformer calls
+  gin.finalize() after parsing the gin files and binding the vocabulary, before utils.run).
+
+  Only runs when gin binds something of utils.run (e.g. not in unit tests that finalize their
+  own configs). Returns no new bindings.
+  """
+  if not any(selector.endswith("utils.run") or selector == "run" for _, selector in config):
+    return None
+  check_batch_size()
+  check_model_dir()
+  return None
+
+
+if preflight not in gin.config._FINALIZE_HOOKS:  # pylint: disable=protected-access
+  gin.config.register_finalize_hook(preflight)
