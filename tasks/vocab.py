@@ -1,7 +1,11 @@
 """Vocabularies of st-moe's tasks: T5's default, and a small embedded one that needs no download.
 
-The registered tasks default to T5's SentencePiece vocabulary (`cc_all.32000.100extra`, the path
-`t5.data.get_default_vocabulary()` names, downloaded on first use). The embedded vocabulary is a
+The registered tasks default to T5's SentencePiece vocabulary (`cc_all.32000` with 100 extra ids,
+the file `t5.data.get_default_vocabulary()` names, gs://t5-data/vocabs/cc_all.32000/
+sentencepiece.model, read on first use). Offline, point them at a local copy with the environment
+variable ST_MOE_T5_VOCABULARY=/path/to/sentencepiece.model (read when the tasks are registered);
+if the file cannot be read, the first use raises `VocabularyNotAvailableError` naming the file and
+both ways out (a local copy, or the embedded tasks), instead of a GCS or NotFound traceback. The embedded vocabulary is a
 SentencePiece unigram model of 2,000 pieces trained offline once on the train split of
 `pydoc_data.topics` (text that ships with Python) and shipped as `tasks/data/pydoc_topics_2k.model`;
 with 100 extra ids (sentinels for span corruption) it has 2,100 ids. `build_embedded_model()`
@@ -17,6 +21,7 @@ import os
 from pydoc_data import topics
 import seqio
 import t5.data
+import tensorflow as tf
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 EMBEDDED_MODEL_PATH = os.path.join(DATA_DIR, "pydoc_topics_2k.model")
@@ -26,9 +31,63 @@ EXTRA_IDS = 100
 VALIDATION_EVERY = 10
 
 
+T5_VOCABULARY_ENV = "ST_MOE_T5_VOCABULARY"
+EMBEDDED_TASKS = ("st_moe_embedded_span_corruption", "st_moe_embedded_pydoc_topic")
+
+
+class VocabularyNotAvailableError(RuntimeError):
+  """A task's SentencePiece vocabulary file cannot be read (offline, no gs:// access, missing)."""
+
+
+def _mixture_name():
+  """The run's MIXTURE_NAME gin macro, if gin binds one (t5_mesh_transformer runs); else None."""
+  try:
+    import gin  # pylint: disable=g-import-not-at-top
+    return gin.query_parameter("%MIXTURE_NAME")
+  except (ImportError, ValueError):
+    return None
+
+
+def unavailable_message(path: str, cause: str) -> str:
+  """The text of VocabularyNotAvailableError: the file, who needs it, and what to do."""
+  mixture = _mixture_name()
+  run = f" (this run: MIXTURE_NAME = {mixture!r})" if isinstance(mixture, str) else ""
+  return (
+      f"The vocabulary {path} cannot be read ({cause}). The task being run needs it to tokenize"
+      f"{run}: every st-moe task registered with T5's vocabulary (C4 span corruption, the "
+      "downstream tasks, the mixtures st_moe_pretrain, st_moe_super_glue, st_moe_finetune) "
+      "does. Either copy the file once to where this machine can read it, e.g.\n"
+      f"  gsutil cp {t5.data.DEFAULT_SPM_PATH} /data/t5_vocab/sentencepiece.model\n"
+      f"and set {T5_VOCABULARY_ENV}=/data/t5_vocab/sentencepiece.model in the run's environment, "
+      "or train on the embedded vocabulary, which ships with st-moe: "
+      f"--gin_param=\"MIXTURE_NAME='{EMBEDDED_TASKS[0]}'\" (pretraining) or "
+      f"'{EMBEDDED_TASKS[1]}' (fine-tuning and decoding).")
+
+
+class CheckedSentencePieceVocabulary(seqio.SentencePieceVocabulary):
+  """A seqio.SentencePieceVocabulary whose file, if unreadable, raises VocabularyNotAvailableError.
+
+  Equal to a plain seqio.SentencePieceVocabulary of the same file and extra ids (seqio compares
+  their settings), so mixtures and tests see T5's vocabulary.
+  """
+
+  def _model_context(self):
+    try:
+      return super()._model_context()
+    except (tf.errors.OpError, OSError) as e:  # NotFound; FailedPrecondition (no network) ...
+      first = (getattr(e, "message", None) or str(e)).strip().split("\n")[0][:300]
+      raise VocabularyNotAvailableError(
+          unavailable_message(self.sentencepiece_model_file, f"{type(e).__name__}: {first}")
+      ) from None
+
+
 def default_vocabulary() -> seqio.Vocabulary:
-  """T5's vocabulary (cc_all.32000.100extra): the default of every registered task family."""
-  return t5.data.get_default_vocabulary()
+  """T5's vocabulary (cc_all.32000 + 100 extra ids): the default of every registered task family.
+
+  The file is $ST_MOE_T5_VOCABULARY if set (a local copy), else T5's gs:// path.
+  """
+  path = os.environ.get(T5_VOCABULARY_ENV) or t5.data.DEFAULT_SPM_PATH
+  return CheckedSentencePieceVocabulary(path, extra_ids=t5.data.DEFAULT_EXTRA_IDS)
 
 
 def embedded_texts(split: str) -> list[str]:
