@@ -1,6 +1,6 @@
 """The docs corpus: English prose from the docstrings and comments of pinned packages.
 
-`st_moe_embedded_docs_span_corruption` trains on it: 12.5 MB of text in 4,975 documents (about 27x
+`st_moe_embedded_docs_span_corruption` trains on it: 12.4 MB of text in 4,965 documents (26.7x
 the 0.47 MB of `pydoc_data.topics` the small embedded task uses), with no download. It is extracted
 (`st_moe.tasks.corpus_extract`) from the `.py` files of packages pinned in `requirements.lock` and
 shipped compressed as `tasks/data/docs_corpus.jsonl.xz` (one JSON object per line, sorted by id:
@@ -36,7 +36,7 @@ import tensorflow as tf
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 CORPUS_PATH = os.path.join(DATA_DIR, "docs_corpus.jsonl.xz")
 # SHA-256 of the decompressed docs_corpus.jsonl (what build_corpus writes, before compression).
-CORPUS_SHA256 = "a43879792d1902ebb8330c2bfeadff4c58899d246c16102422586707b4408474"
+CORPUS_SHA256 = "9936fc3e218e23f4cc2a706f9f02bfe48d03050b334d959a458ebb3bc547a3a4"
 MODEL_PATH = os.path.join(DATA_DIR, "docs_8k.model")
 VOCAB_SIZE = 8092  # SentencePiece pieces including pad/eos/unk; + EXTRA_IDS = 8192 ids
 EXTRA_IDS = 100

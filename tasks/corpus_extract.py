@@ -195,7 +195,9 @@ def _strip_param_prefix(line: str) -> str:
 def paragraphs(docstring: str) -> list[str]:
   """Cuts a cleaned docstring into candidate prose paragraphs (lines joined, markup dropped)."""
   result, current = [], []
-  in_literal = False  # inside an indented block after "::" or a directive, or a doctest
+  in_literal = False  # inside the indented block after "::" or a reST directive
+  in_doctest = False  # from a ">>>" line to the next blank line (its output included)
+  in_fence = False  # between ``` lines (Markdown code)
 
   def flush():
     if current:
@@ -205,18 +207,26 @@ def paragraphs(docstring: str) -> list[str]:
   for raw in docstring.split("\n"):
     line = raw.strip()
     indent = len(raw) - len(raw.lstrip())
+    if line.startswith("```"):
+      flush()
+      in_fence = not in_fence
+      continue
+    if in_fence:
+      continue
     if not line:
       flush()
+      in_doctest = False
       continue
-    if in_literal and indent > 0:
+    if in_doctest or (in_literal and indent > 0):
       continue
     in_literal = False
     if (line.startswith((">>>", "...", ".. ", "$ ", "In [", "Out[")) or _UNDERLINE.match(line)
-        or _SECTION.match(line) or line.startswith("```")):
+        or _SECTION.match(line)):
       flush()
-      in_literal = line.startswith((".. ", ">>>", "```"))
+      in_literal = line.startswith(".. ")
+      in_doctest = line.startswith((">>>", "In ["))
       continue
-    if _NUMPYDOC_PARAM.match(line) and len(line.split()) <= 6:
+    if _NUMPYDOC_PARAM.match(line) and len(line.split()) <= 12:  # "x : int, optional"
       flush()
       continue
     if not _URL.sub("", line).strip():

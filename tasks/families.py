@@ -19,6 +19,7 @@ from t5.data import preprocessors as t5_pre
 from t5.evaluation import metrics as t5_metrics
 import tensorflow_datasets as tfds
 
+from st_moe.tasks import corpus
 from st_moe.tasks import preprocessors
 from st_moe.tasks import pydoc_topic
 from st_moe.tasks import sources
@@ -48,6 +49,9 @@ class Benchmark:
     train_examples: training-set size (TFDS catalog), the mixing rate "by examples".
     metric_note: the reported metric, for the README table.
     paper_32b: ST-MoE-32B's number in the paper (ST_MOE_FACTS.md), "" where not given.
+    own_vocabulary: returns the task's own vocabulary, used in the registered family (no
+      vocabulary given to `add_tasks`); None: the family's vocabulary.
+    source_note: what an embedded source holds, for the README table.
   """
   name: str
   source: seqio.DataSource
@@ -58,12 +62,14 @@ class Benchmark:
   train_examples: int = 0
   metric_note: str = ""
   paper_32b: str = ""
+  own_vocabulary: Optional[Callable[[], seqio.Vocabulary]] = None
+  source_note: str = ""
 
   @property
   def tfds_name(self) -> str:
     if isinstance(self.source, seqio.TfdsDataSource):
       return self.source.tfds_dataset.name
-    return "(embedded: pydoc_data.topics)"
+    return self.source_note or "(embedded: pydoc_data.topics)"
 
 
 def _span_corruption_preprocessors():
@@ -173,6 +179,11 @@ def pretraining_benchmarks() -> list[Benchmark]:
       Benchmark(name="embedded_span_corruption", source=sources.embedded_source(),
                 text_preprocessors=text, token_preprocessors=tokens,
                 metric_note="(pretraining: none)"),
+      # The docs corpus (tasks/corpus.py, 12.4 MB) with its own 8k vocabulary: --scale=small.
+      Benchmark(name="embedded_docs_span_corruption", source=corpus.docs_source(),
+                text_preprocessors=text, token_preprocessors=tokens,
+                metric_note="(pretraining: none)", own_vocabulary=corpus.docs_vocabulary,
+                source_note="(embedded: docs corpus, tasks/data/docs_corpus.jsonl.xz)"),
   ]
 
 
@@ -222,11 +233,13 @@ def add_tasks(vocabulary: Optional[seqio.Vocabulary] = None, suffix: str = "",
     vocabulary: the vocabulary of the C4 and downstream tasks; None means T5's default.
     suffix: appended to every task name (the registered family has none).
     embedded_vocabulary: the vocabulary of the embedded tasks (names starting "embedded_"); None
-      means `vocab.embedded_vocabulary()` when `vocabulary` is None, else `vocabulary`.
+      means `vocab.embedded_vocabulary()` when `vocabulary` is None, else `vocabulary`. When
+      `vocabulary` is None, a benchmark with an `own_vocabulary` (the docs corpus) uses that.
 
   Returns:
     the names of all the family's tasks, registered now or before.
   """
+  own_vocabularies = vocabulary is None  # the registered family: tasks use their own vocabulary
   if vocabulary is None:
     vocabulary = vocab.default_vocabulary()
     embedded_vocabulary = embedded_vocabulary or vocab.embedded_vocabulary()
@@ -238,6 +251,8 @@ def add_tasks(vocabulary: Optional[seqio.Vocabulary] = None, suffix: str = "",
     if name in seqio.TaskRegistry.names():
       continue
     v = embedded_vocabulary if b.name.startswith("embedded_") else vocabulary
+    if own_vocabularies and b.own_vocabulary is not None:
+      v = b.own_vocabulary()
     seqio.TaskRegistry.add(name, **task_kwargs(b, v))
   return names
 

@@ -28,7 +28,8 @@ DOWNSTREAM = [
     "super_glue_record", "super_glue_rte", "super_glue_wic", "super_glue_wsc", "arc_easy",
     "arc_challenge", "winogrande", "anli_r3", "xsum", "cnn_dailymail", "web_questions",
     "natural_questions_open", "trivia_qa"]
-PRETRAINING = ["c4_span_corruption", "embedded_span_corruption"]
+PRETRAINING = ["c4_span_corruption", "embedded_span_corruption",
+               "embedded_docs_span_corruption"]  # the last: tests/corpus_test.py
 EMBEDDED_DOWNSTREAM = ["embedded_pydoc_topic"]  # tests/downstream_task_test.py
 
 
