@@ -31,6 +31,27 @@ def np_logsumexp(x):
   return (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))[..., 0]
 
 
+def reference_kept(logits, nonpadding, capacity):
+  """<bool>[G, S, 2]: MTF's top-2 buffer rule (second policy "all"), written as loops.
+
+  Per group, first choices take their expert's slots in token order; second choices then take what
+  is left, in token order; a choice is kept if its slot is below `capacity`. Padding takes none.
+  """
+  num_groups, group_size, num_experts = logits.shape
+  kept = np.zeros((num_groups, group_size, 2), bool)
+  for g in range(num_groups):
+    used = np.zeros(num_experts, int)
+    order = np.argsort(-logits[g], axis=-1, kind="stable")[:, :2]  # softmax keeps the order
+    for choice in range(2):
+      for s in range(group_size):
+        if not nonpadding[g, s]:
+          continue
+        e = order[s, choice]
+        kept[g, s, choice] = used[e] < capacity
+        used[e] += 1
+  return kept
+
+
 class LossesTest(absltest.TestCase):
 
   def setUp(self):
@@ -84,33 +105,39 @@ class LossesTest(absltest.TestCase):
       self.assertAlmostEqual(got[6], fractions[3], places=6)
       # Dropped tokens: real tokens whose choices all lost their slot (capacity 2 per expert).
       w = self.nonpadding if padded else np.ones((G, S))
-      kept = got[7]
-      want_dropped = ((kept.sum(-1) == 0) * w).sum() / w.sum()
+      kept = reference_kept(self.logits, w, capacity=2)
+      np.testing.assert_array_equal(got[7].reshape(kept.shape) > 0.5, kept)
+      want_dropped = ((~kept.any(-1)) * w).sum() / w.sum()
       self.assertAlmostEqual(got[2], want_dropped, places=6)
       self.assertGreater(want_dropped, 0.0)
 
-  def test_balance_loss_is_one_when_uniform_and_e_when_collapsed(self):
+  def test_balance_loss_by_hand_and_collapsed(self):
+    # One group of 10 tokens over 2 experts: nine at probabilities (0.51, 0.49), top-1 expert 0,
+    # and one at (0, 1), top-1 expert 1. f = (0.9, 0.1), P = (0.459, 0.541):
+    # 2 x (0.9 x 0.459 + 0.1 x 0.541) = 0.9344 (below 1: the loss has no lower bound of 1).
+    # Collapsed: every token on expert 0 with probability ~1 gives E.
+    pair = [mtf.Dimension("batch", 1), mtf.Dimension("group", 10),
+            mtf.Dimension("experts_unsplit", 2)]
     dims = self.dims
 
     def build(mesh):
-      uniform = mtf.zeros(mesh, dims)
+      probs = np.array([[0.51, 0.49]] * 9 + [[0.0, 1.0]], np.float32)[None]
+      top1 = np.eye(2, dtype=np.float32)[probs.argmax(-1)]
       collapsed = mtf.import_tf_tensor(
           mesh, tf.constant(np.tile([50.0, 0, 0, 0], (G, S, 1)).astype(np.float32)),
-          mtf.Shape(dims))
-      # Uniform: each expert is the top-1 of an equal share of tokens (a rotating one-hot).
-      rotating = mtf.import_tf_tensor(
-          mesh, tf.constant(np.eye(E)[np.arange(G * S).reshape(G, S) % E].astype(np.float32)),
           mtf.Shape(dims))
       first = mtf.import_tf_tensor(
           mesh, tf.constant(np.tile(np.eye(E)[0], (G, S, 1)).astype(np.float32)),
           mtf.Shape(dims))
-      return [losses.load_balance_loss(mtf.softmax(uniform, dims[2]), rotating, dims[2],
-                                       dims[1]),
+      return [losses.load_balance_loss(
+                  mtf.import_tf_tensor(mesh, tf.constant(probs), mtf.Shape(pair)),
+                  mtf.import_tf_tensor(mesh, tf.constant(top1), mtf.Shape(pair)),
+                  pair[2], pair[1]),
               losses.load_balance_loss(mtf.softmax(collapsed, dims[2]), first, dims[2],
                                        dims[1])]
 
-    uniform, collapsed = evaluate(build)
-    self.assertAlmostEqual(uniform, 1.0, places=5)
+    by_hand, collapsed = evaluate(build)
+    self.assertAlmostEqual(by_hand, 0.9344, places=5)
     self.assertAlmostEqual(collapsed, float(E), places=4)
 
   def test_scale_divides_by_microbatches(self):

@@ -31,9 +31,13 @@ class TokenClassTest(absltest.TestCase):
   def test_sentinel_flag_wins(self):
     self.assertEqual(rs.token_class("\u2581the", is_sentinel=True), rs.SENTINEL)
 
-  def test_word_piece_that_spells_a_function_word_mid_word_is_not_one(self):
-    # "in" inside "Begin" (piece "in" without the word-start mark) is lower case: counts as the word.
-    # An upper-case continuation piece is not a function word.
+  def test_function_word_needs_word_start_or_lower_case(self):
+    # A lower-case piece spelling a function word counts as one with or without the word-start
+    # mark ("in" inside "Begin" is indistinguishable from the word); an upper-case piece counts
+    # only at a word start ("▁IN"), mid-word ("IN" in "BEGIN") it is a capitalised piece.
+    self.assertEqual(rs.token_class("▁in"), rs.FUNCTION_WORD)
+    self.assertEqual(rs.token_class("in"), rs.FUNCTION_WORD)
+    self.assertEqual(rs.token_class("▁IN"), rs.FUNCTION_WORD)
     self.assertEqual(rs.token_class("IN"), rs.CAPITALIZED)
 
 
