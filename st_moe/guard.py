@@ -28,7 +28,7 @@ Stopping, by device:
 The counters are local variables (not in checkpoints): they count since the process started, and
 checkpoints with and without the guard are interchangeable (no missing-key errors on resume).
 
-Pre-flight checks (`preflight`, a gin finalize hook registered by st_moe.register): after
+Pre-flight checks (`preflight`, a gin finalize hook that st_moe.register installs): after
 t5_mesh_transformer has parsed the gin files and before any graph is built, a batch size the mesh
 does not divide and an unreadable latest checkpoint in --model_dir are named with what to change.
 """
@@ -413,5 +413,15 @@ def preflight(config):
   return None
 
 
-if preflight not in gin.config._FINALIZE_HOOKS:  # pylint: disable=protected-access
+def install_preflight() -> bool:
+  """Registers `preflight` as a gin finalize hook, once per process (st_moe.register calls it).
+
+  Returns:
+    whether it was registered now (False: it already was).
+  """
+  hooks = gin.config._FINALIZE_HOOKS  # pylint: disable=protected-access
+  if any(getattr(h, "__qualname__", None) == preflight.__qualname__
+         and getattr(h, "__module__", None) == __name__ for h in hooks):
+    return False
   gin.config.register_finalize_hook(preflight)
+  return True

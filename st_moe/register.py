@@ -62,4 +62,5 @@ def use_resource_variables():
 
 
 use_resource_variables()
+guard.install_preflight()
 summaries.install()

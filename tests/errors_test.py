@@ -34,6 +34,7 @@ DATA_BYTES = 3 * 5 * 4 + 7 * 4 + 8  # a <float32>[3, 5], b <int32>[7], global_st
 
 def write_checkpoints(model_dir, steps=3):
   """model.ckpt-1 .. model.ckpt-<steps> in model_dir (values differ per step); returns prefixes."""
+  os.makedirs(model_dir, exist_ok=True)
   graph = tf.Graph()
   with graph.as_default():
     step = tf.train.get_or_create_global_step()
