@@ -96,6 +96,27 @@ class BookkeepingTest(absltest.TestCase):
     self.assertIn("checkpoint is at step 6 >= 6", lines[0])
     self.assertTrue(os.path.exists(job.path("train_done.json")))
 
+  def test_a_run_the_graph_guard_stops_counts_as_diverged(self):
+    job = _job(os.path.join(self.dir, "guard"))
+    message = ("st_moe.GuardedOptimizer stopped the run at step 5: 10 consecutive steps with a "
+               "non-finite gradient")
+
+    def fake_run(model_dir, gin_files, gin_params, **kwargs):
+      del gin_files, gin_params, kwargs
+      log = os.path.join(model_dir, "logs", "j.0.log")
+      os.makedirs(os.path.dirname(log), exist_ok=True)
+      with open(log, "w") as f:
+        f.write(f"Traceback (most recent call last):\ntensorflow.errors.InvalidArgumentError: "
+                f"{message}\n")
+      return runner.RunResult(model_dir=model_dir, command=["t5_mesh_transformer"],
+                              returncode=1, log_path=log)
+
+    with mock.patch.object(runner, "run", fake_run):
+      summary = jobs.train(job, 6, 2, show=lambda line: None)
+    self.assertEqual(summary["status"], "diverged")
+    self.assertEqual(summary["diverged"], message)
+    self.assertTrue(os.path.exists(job.path("diverged.json")))
+
   def test_evaluation_is_cached_for_its_step_and_settings(self):
     job = _job(os.path.join(self.dir, "eval"))
     os.makedirs(job.model_dir)

@@ -198,6 +198,23 @@ def _last(values):
   return values[-1] if values else None
 
 
+# st_moe.guard.STOP_MESSAGE_PREFIX: the graph's guard (st_moe.GuardedOptimizer) stops a run whose
+# gradients stay non-finite with an error starting so, on CPU and TPU alike. (Not imported: that
+# module needs TensorFlow and mesh_tensorflow.)
+GUARD_STOP = "st_moe.GuardedOptimizer stopped the run"
+
+
+def _guard_stop(log_path, step):
+  """A Divergence from the guard's error in a failed run's log, or None."""
+  if not log_path or not exists(log_path):
+    return None
+  for line in reversed(read_text(log_path).splitlines()):
+    at = line.find(GUARD_STOP)
+    if at >= 0:
+      return divergence.Divergence(step=step, loss=float("nan"), reason=line[at:].strip())
+  return None
+
+
 def train(job: Job, steps: int, checkpoint_every: int, *, show=print, every=None,
           monitor_factory: Callable[[], divergence.DivergenceMonitor] = divergence.DivergenceMonitor,
           init_checkpoint: Optional[str] = None, label: Optional[str] = None) -> Dict:
@@ -259,6 +276,8 @@ def train(job: Job, steps: int, checkpoint_every: int, *, show=print, every=None
   router = result.router if result else {}
   tps = result.tokens_per_second if result else None
   diverged = primed or (result.diverged if result else None)
+  if not diverged and result is not None and result.returncode != 0:
+    diverged = _guard_stop(result.log_path, _last(curve_steps) or start)
   summary.update(
       returncode=result.returncode if result else 0,
       command=runner.shell_quote(result.command if result else
@@ -352,12 +371,23 @@ def child_command(spec) -> List[str]:
   return [sys.executable, "-m", "st_moe.experiments.jobs", json.dumps(spec, sort_keys=True)]
 
 
+def _die_with_parent():
+  """In a child before exec (Linux): SIGTERM it when the process that started it dies, so that a
+  killed demo or table leaves no tracer or counter behind."""
+  try:
+    import ctypes  # pylint: disable=g-import-not-at-top
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 15)  # PR_SET_PDEATHSIG, SIGTERM
+  except (OSError, AttributeError):
+    pass
+
+
 def _run_child(spec, what, show):
   cmd = child_command(spec)
   show(f"[{what}] {runner.shell_quote(cmd)}")
   env = dict(os.environ)
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-  proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env,
+                        preexec_fn=_die_with_parent if sys.platform == "linux" else None)
   if proc.returncode != 0:
     raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
   return cmd
