@@ -30,7 +30,7 @@ import testing_tasks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY_POINT = os.path.join(os.path.dirname(sys.executable), "t5_mesh_transformer")
-TIMEOUT = 900
+TIMEOUT = 1800  # per process; a loaded 2-core machine needs it
 PRETRAIN_STEPS, FINETUNE_STEPS = 2, 3
 FILTERS = {"none": "None", "freeze_moe": "%FREEZE_MOE", "only_moe": "%ONLY_MOE"}
 TASK = testing_tasks.REVERSE_TASK_NAME
@@ -49,16 +49,22 @@ def _env():
   return env
 
 
-def _start(args, cwd):
-  return subprocess.Popen([ENTRY_POINT, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, env=_env(), cwd=cwd)
+def _start(args, cwd, name):
+  """Starts the entry point with its output in <cwd>/<name>.log (no pipe to fill and block)."""
+  with open(os.path.join(cwd, name + ".log"), "w") as log:
+    process = subprocess.Popen([ENTRY_POINT, *args], stdout=log, stderr=subprocess.STDOUT,
+                               text=True, env=_env(), cwd=cwd)
+  process.log_path = log.name
+  return process
 
 
 def _wait(processes):
-  """Waits for {name: Popen}; raises with the log's tail if one failed."""
+  """Waits for {name: Popen}; raises with the log's tail if one failed; returns the logs."""
   logs = {}
   for name, process in processes.items():
-    logs[name], _ = process.communicate(timeout=TIMEOUT)
+    process.wait(timeout=TIMEOUT)
+    with open(process.log_path) as f:
+      logs[name] = f.read()
   for name, process in processes.items():
     if process.returncode:
       raise RuntimeError(f"{name} exited {process.returncode}:\n{logs[name][-5000:]}")
@@ -94,7 +100,7 @@ class FinetuneTest(absltest.TestCase):
             "utils.run.batch_size = ('sequences_per_batch', 4)",
             f"utils.run.train_steps = {PRETRAIN_STEPS}",
             f"utils.run.save_checkpoints_steps = {PRETRAIN_STEPS}",
-            f"utils.run.iterations_per_loop = {PRETRAIN_STEPS}"), tmp)
+            f"utils.run.iterations_per_loop = {PRETRAIN_STEPS}"), tmp, "pretrain")
     cls.processes.append(pretrain)
     _wait({"pretrain": pretrain})
     cls.init_checkpoint = os.path.join(cls.pretrained, f"model.ckpt-{PRETRAIN_STEPS}")
@@ -110,7 +116,7 @@ class FinetuneTest(absltest.TestCase):
               "utils.run.batch_size = ('sequences_per_batch', 8)",
               f"utils.run.save_checkpoints_steps = {FINETUNE_STEPS}",
               f"utils.run.iterations_per_loop = {FINETUNE_STEPS}",
-              f"utils.run.variable_filter = {variable_filter}"), tmp)
+              f"utils.run.variable_filter = {variable_filter}"), tmp, name)
       cls.processes.append(finetunes[name])
     cls.finetune_logs = _wait(finetunes)
     evals = {}
@@ -125,7 +131,7 @@ class FinetuneTest(absltest.TestCase):
               f"eval_checkpoint_step = {cls.final_step}",
               "utils.run.sequence_length = {'inputs': 16, 'targets': 16}",
               "utils.run.batch_size = ('sequences_per_batch', 16)",
-              "Bitransformer.decode.max_decode_length = 16", *extra), tmp)
+              "Bitransformer.decode.max_decode_length = 16", *extra), tmp, "eval_" + name)
       cls.processes.append(evals[name])
     cls.eval_logs = _wait(evals)
 
@@ -134,7 +140,7 @@ class FinetuneTest(absltest.TestCase):
     for process in cls.processes:
       if process.poll() is None:
         process.kill()
-        process.communicate()
+        process.wait()
     shutil.rmtree(cls.tmp, ignore_errors=True)
     super().tearDownClass()
 
