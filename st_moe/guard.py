@@ -149,11 +149,13 @@ class _GuardCheck(mtf.Operation):
     if self._max:
       step = tf.train.get_global_step()
       step = tf.constant(-1, tf.int64) if step is None else tf.cast(step, tf.int64)
-      names = (tf.constant(self._grad_names), tf.constant(self._update_names))
+      grad_names, update_names = self._grad_names, self._update_names
       max_skips = self._max
 
       def stop(consecutive, step, loss, *probes):
-        """Fails the step with the message (CPU: in the graph; TPU: on the host)."""
+        """Fails the step with the message (CPU: in the graph; TPU: on the host, where the
+        strings are made: no string tensor enters the TPU computation)."""
+        names = (tf.constant(grad_names), tf.constant(update_names))
         def first_nonfinite(ps, names):
           if not ps:
             return names[-1]

@@ -14,6 +14,7 @@ Results: docs/performance.md ("Cost of the non-finite guard").
 """
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -79,7 +80,10 @@ def measure(name, reps=25, warmup=3):
   import gin  # pylint: disable=g-import-not-at-top
   import st_moe.register  # pylint: disable=g-import-not-at-top,unused-import
   model_file, bindings, batch_size, lengths = CONFIGS[name]
+  from mesh_tensorflow.transformer import utils  # pylint: disable=g-import-not-at-top
   gin.clear_config()
+  # mesh_tensorflow's defaults first, as t5_mesh_transformer parses them (parse_gin_defaults...).
+  gin.parse_config_file(os.path.join(os.path.dirname(utils.__file__), "gin", "defaults.gin"))
   gin.parse_config_files_and_bindings(
       [model_file, "cpu.gin", "pretrain_c4.gin"],
       bindings + ["utils.run.train_steps = 1",
