@@ -8,7 +8,8 @@ replaces, the router is new, every other parameter (and optionally its optimizer
 Names. A Mesh-TF dense checkpoint with T5.1.1's names (`t5.1.1.*.gin`: mesh_tensorflow's
 hand-listed layer stack) numbers the sub-layers of a block:
   encoder/block_003/layer_000/SelfAttention/q, encoder/block_003/layer_001/rms_norm/scale,
-  encoder/block_003/layer_001/DenseReluDense/wi_0/kernel, decoder/block_003/layer_001/EncDecAttention/k
+  encoder/block_003/layer_001/DenseReluDense/wi_0/kernel,
+  decoder/block_003/layer_001/EncDecAttention/k
 while the generated ST-MoE stack (st_moe.stacking) names them:
   encoder/block_003/self_attention/SelfAttention/q, encoder/block_003/sparse_ffn/rms_norm/scale,
   encoder/block_003/sparse_ffn/SparseFFN/wi_0/kernel <[experts, d_model, expert_hidden]>,
@@ -137,7 +138,7 @@ def _split_slot(name):
 
 
 def _key(sub, rest):
-  """The variable's name inside its sub-layer without the class: 'q', 'wi_0/kernel', 'rms_norm/scale'."""
+  """A variable's name in its sub-layer, without the class: 'q', 'wi_0/kernel', 'rms_norm/scale'."""
   if rest.startswith(_NORM_PREFIXES):
     return rest, None
   cls, _, key = rest.partition("/")
@@ -480,7 +481,7 @@ def sparse_variables(gin_files, gin_params=(), vocab_size=32100):
 
 def upcycle(dense_checkpoint, gin_files, out_dir, gin_params=(), vocab_size=32100,
             extra_dense_ffn="identity", optimizer_slots="tile", step="keep", seed=0,
-            overwrite=False, shard_bytes=1 << 30):
+            overwrite=False, shard_bytes=1 << 30, dry_run=False):
   """Reads a dense checkpoint, writes `<out_dir>/model.ckpt-<step>` of the sparse model.
 
   Every check runs before anything is written (module docstring). Also writes
@@ -494,9 +495,10 @@ def upcycle(dense_checkpoint, gin_files, out_dir, gin_params=(), vocab_size=3210
     extra_dense_ffn, optimizer_slots, step, seed: see the module docstring and `plan`.
     overwrite: replace an existing checkpoint of that step in out_dir.
     shard_bytes: see `write`.
+    dry_run: check and plan only (reads the dense checkpoint's variable list, writes nothing).
 
   Returns:
-    (the written checkpoint prefix, the Plan).
+    (the checkpoint prefix written, or that would be written; the Plan).
   """
   dense_checkpoint = resolve_checkpoint(dense_checkpoint)
   reader = tf.compat.v1.train.NewCheckpointReader(dense_checkpoint)
@@ -510,6 +512,8 @@ def upcycle(dense_checkpoint, gin_files, out_dir, gin_params=(), vocab_size=3210
   prefix = f"{out_dir.rstrip('/')}/model.ckpt-{the_plan.step}"
   if tf.io.gfile.exists(prefix + ".index") and not overwrite:
     raise UpcycleError(f"{prefix} exists: choose another --out, or pass --overwrite")
+  if dry_run:
+    return prefix, the_plan
   tf.io.gfile.makedirs(out_dir)
   write(the_plan, reader, prefix, seed=seed, shard_bytes=shard_bytes)
   write_manifest(the_plan, f"{out_dir.rstrip('/')}/upcycle.json", dense_checkpoint, {

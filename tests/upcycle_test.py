@@ -78,7 +78,7 @@ def _run(command, cwd):
 
 
 def logits(gin_files, gin_params, checkpoint, inputs, targets):
-  """<float32>[B, Lt, V] teacher-forced logits of the model in `gin_files` restored from a checkpoint.
+  """<float32>[B, Lt, V] teacher-forced logits of the model in `gin_files`, from a checkpoint.
 
   mesh_tensorflow's own model code (utils.build_model, Bitransformer.call_simple in eval mode) on
   one CPU device; nothing of st_moe.upcycling.
@@ -130,20 +130,24 @@ class UpcycleEndToEndTest(absltest.TestCase):
                                  cls.tmp)
     assert code == 0, cls.upcycle_log[-5000:]
     cls.up = os.path.join(cls.up_dir, f"model.ckpt-{DENSE_STEPS}")  # --step=keep
-    # Started now, read in test_finetune_...: its start-up overlaps the in-process tests.
+    # Started now, read in test_finetune_...: its start-up overlaps the in-process tests. Its
+    # output goes to a file: a pipe nobody reads would fill and stall it.
     cls.finetune_dir = os.path.join(cls.tmp, "finetune")
+    cls.finetune_log = open(  # pylint: disable=consider-using-with
+        os.path.join(cls.tmp, "finetune.log"), "w")
     cls.finetune = subprocess.Popen(
         _t5_command(cls.finetune_dir, "st_moe_tiny.gin", "finetune.gin",
                     f"utils.run.init_checkpoint = '{cls.up}'",
                     f"utils.run.train_steps = {DENSE_STEPS + 2}",
                     f"utils.run.save_checkpoints_steps = {DENSE_STEPS + 2}"),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=cls.tmp)
+        stdout=cls.finetune_log, stderr=subprocess.STDOUT, env=_env(), cwd=cls.tmp)
 
   @classmethod
   def tearDownClass(cls):
     if cls.finetune.poll() is None:
       cls.finetune.kill()
-      cls.finetune.communicate()
+      cls.finetune.wait()
+    cls.finetune_log.close()
     shutil.rmtree(cls.tmp, ignore_errors=True)
     super().tearDownClass()
 
@@ -229,7 +233,10 @@ class UpcycleEndToEndTest(absltest.TestCase):
         self.assertFalse(os.path.exists(out))
 
   def test_finetune_from_the_upcycled_checkpoint_runs_through_t5_mesh_transformer(self):
-    log, _ = self.finetune.communicate(timeout=TIMEOUT)
+    self.finetune.wait(timeout=TIMEOUT)
+    self.finetune_log.flush()
+    with open(self.finetune_log.name) as f:
+      log = f.read()
     self.assertEqual(self.finetune.returncode, 0, log[-5000:])
     self.assertIn(f"Initializing variables from {self.up}", log)
     final = os.path.join(self.finetune_dir, f"model.ckpt-{DENSE_STEPS + 2}")
@@ -357,6 +364,48 @@ class PlanTest(absltest.TestCase):
         expert + "_slot_vr": ("tile", [32, 1024], name + "_slot_vr"),
         expert + "_slot_vc": ("tile", [32, 2816], name + "_slot_vc"),
     })
+
+
+class T511LargeToStMoeLTest(absltest.TestCase):
+  """The README's recipe: t5's own t5.1.1.large.gin onto st_moe_l.gin, from the built graphs."""
+
+  SIZES = ("d_model", "d_ff", "num_heads", "d_kv", "num_layers")
+
+  def test_same_backbone_sizes(self):
+    # T5.1.1-Large (t5.1.1.large.gin; d_kv 64 from bi_bert_base.gin) and ST-MoE-L (paper Table 1).
+    expected = {"d_model": 1024, "d_ff": 2816, "num_heads": 16, "d_kv": 64, "num_layers": 24}
+    for files in (["models/t5.1.1.large.gin"], ["st_moe_l.gin"]):
+      model_graph.parse_gin(files)
+      self.assertEqual({k: model_graph.query(k) for k in self.SIZES}, expected, files)
+
+  def test_24_layer_stacks_map_every_4th_ffn_to_experts(self):
+    # The layer structure at small widths (names do not depend on them); every slot unfactored
+    # (all dimensions below Adafactor's min_dim_size_to_factor = 128), so <name>_slot_v.
+    small = ["d_model = 16", "d_ff = 32", "num_heads = 2", "d_kv = 8"]
+    model_graph.parse_gin(["models/t5.1.1.large.gin"], small + FLOAT32)
+    dense_graph = model_graph.build(vocab_size=32100, batch_size=2,
+                                    sequence_length={"inputs": 8, "targets": 8}, mesh_shape="",
+                                    layout_rules="")
+    dense = {}
+    for name, shape in dense_graph.variables.items():
+      dense[name] = dense[name + "_slot_v"] = shape.to_integer_list
+    dense["global_step"] = []
+    variables, stddevs, adafactor = upcycling.sparse_variables(["st_moe_l.gin"], small + FLOAT32)
+    plan = upcycling.plan(dense, variables, stddevs, adafactor, dense_step=1000000)
+    # 2 stacks x 6 sparse layers: 3 expert kernels each, one router, one zero output kernel.
+    counts = plan.counts()
+    self.assertEqual((counts["tile"], counts["router"], counts["zeros"], counts["slot tile"]),
+                     (36, 12, 12, 36))
+    self.assertEqual(plan.step, 1000000)
+    tiled = {e.name: e.source for e in plan.entries if e.how == "tile" and "_slot_" not in e.name}
+    expected = {}
+    for stack, ffn_layer in (("encoder", "layer_001"), ("decoder", "layer_002")):
+      for block in (3, 7, 11, 15, 19, 23):  # 1-indexed 4, 8, ..., 24
+        for w in ("wi_0", "wi_1", "wo"):
+          expected[f"{stack}/block_{block:03d}/sparse_ffn/SparseFFN/{w}/kernel"] = (
+              f"{stack}/block_{block:03d}/{ffn_layer}/DenseReluDense/{w}/kernel")
+    self.assertEqual(tiled, expected)
+    self.assertEqual(set(stddevs.values()), {2e-2})
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ Flags:
   --step              keep (default: the dense checkpoint's global step, schedules continue) | N.
   --seed              seeds the routers' normal(0, router_init_stddev) initialiser.
   --overwrite         replace an existing model.ckpt-<step> in --out.
+  --dry_run           check and print the plan only (reads the dense variable list; writes nothing).
 
 A model that cannot be upcycled from the checkpoint (d_model, d_ff, heads, layers, vocabulary)
 fails before anything is written, naming the variable and both shapes.
@@ -56,6 +57,7 @@ def _define_flags():
   flags.DEFINE_string("step", "keep", "'keep' (the dense checkpoint's global step) or an integer.")
   flags.DEFINE_integer("seed", 0, "Seed of the routers' initialiser.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing checkpoint of the same step.")
+  flags.DEFINE_bool("dry_run", False, "Check and plan only; write nothing.")
 
 
 _define_flags()
@@ -80,12 +82,18 @@ def main(argv):
         FLAGS.dense_checkpoint, FLAGS.gin_file, FLAGS.out, gin_params=FLAGS.gin_param or [],
         vocab_size=FLAGS.vocab_size, extra_dense_ffn=FLAGS.extra_dense_ffn,
         optimizer_slots=FLAGS.optimizer_slots, step=_step(FLAGS.step), seed=FLAGS.seed,
-        overwrite=FLAGS.overwrite)
+        overwrite=FLAGS.overwrite, dry_run=FLAGS.dry_run)
   except upcycling.UpcycleError as e:
     print(f"upcycle: error: {e}", file=sys.stderr)
     return 1
   for note in the_plan.notes:
     print(f"note: {note}")
+  if FLAGS.dry_run:
+    for entry in the_plan.entries:
+      print(f"{entry.name} {entry.shape} <- {entry.how} {entry.source or ''}".rstrip())
+    print("variables planned: " + json.dumps(the_plan.counts(), sort_keys=True))
+    print(f"would write {prefix} (global step {the_plan.step})")
+    return 0
   print("variables written: " + json.dumps(the_plan.counts(), sort_keys=True))
   print(f"wrote {prefix} (global step {the_plan.step})")
   print(f"use: --gin_param=\"utils.run.init_checkpoint = '{prefix}'\"")
