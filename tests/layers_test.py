@@ -1,10 +1,8 @@
 """st_moe.layers.SparseFFN: numpy oracle of the whole layer, gradients, dtypes, losses, errors."""
-import types
 from unittest import mock
 
 from absl.testing import absltest
 import mesh_tensorflow as mtf
-from mesh_tensorflow.transformer import transformer
 import numpy as np
 from scipy import special
 import tensorflow.compat.v1 as tf
@@ -12,6 +10,7 @@ import tensorflow.compat.v1 as tf
 from st_moe import layers
 from st_moe import routing
 import graph_mode
+import layer_harness
 
 
 setUpModule = graph_mode.enter
@@ -21,43 +20,14 @@ BATCH, LENGTH, D_MODEL = 2, 8, 6
 
 
 def build(layer, mode="train", activation_dtype=tf.float32, padded=True, autoregressive=False):
-  """Calls `layer` on a random input; returns (graph, mesh, x, y, context)."""
-  tf.reset_default_graph()
-  tf.set_random_seed(3)
-  graph = mtf.Graph()
-  mesh = mtf.Mesh(graph, "mesh")
-  batch_dim, length_dim = mtf.Dimension("batch", BATCH), mtf.Dimension("length", LENGTH)
-  model_dim = mtf.Dimension("d_model", D_MODEL)
-  variable_dtype = mtf.VariableDType(tf.float32, tf.float32, activation_dtype)
-  x = mtf.get_variable(mesh, "x", mtf.Shape([batch_dim, length_dim, model_dim]),
-                       initializer=tf.random_normal_initializer(), dtype=variable_dtype)
-  sequence_id = None
-  if padded:
-    ids = np.ones((BATCH, LENGTH), np.int32)
-    ids[1, 6:] = 0
-    sequence_id = mtf.import_tf_tensor(mesh, tf.constant(ids), mtf.Shape([batch_dim, length_dim]))
-  model = types.SimpleNamespace(ensemble_dim=None, model_dim=model_dim, layout="", mesh_shape="",
-                                autoregressive=autoregressive)
-  context = transformer.Context(
-      model=model, mesh=mesh, batch_dims=[batch_dim], length_dim=length_dim,
-      variable_dtype=variable_dtype, mode=mode, losses=[], sequence_id=sequence_id)
-  with tf.variable_scope("moe"):
-    y = layer.call(context, x)
-  return graph, mesh, x, y, context
+  """Calls `layer` on a random input (row 1 padded from 6); returns (graph, mesh, x, y, context)."""
+  b = layer_harness.build(layer, BATCH, LENGTH, D_MODEL, mode=mode,
+                          activation_dtype=activation_dtype, padding={1: 6} if padded else None,
+                          autoregressive=autoregressive)
+  return b.graph, b.mesh, b.x, b.y, b.context
 
 
-def run(graph, mesh, fetch, assign=None):
-  """Lowers on one CPU slice; fetch {key: mtf.Tensor or mtf.Variable}, assign {Variable: value}."""
-  mesh_impl = mtf.placement_mesh_impl.PlacementMeshImpl(shape=[], layout={}, devices=[""])
-  lowering = mtf.Lowering(graph, {mesh: mesh_impl}, autostack=False)
-  tf_fetch = {k: lowering.export_to_tf_tensor(v) if isinstance(v, mtf.Tensor) else v.get_master()
-              for k, v in fetch.items()}
-  assigns = [v.assign_to_master(tf.constant(value)) for v, value in (assign or {}).items()]
-  with tf.Session() as sess:
-    sess.run(tf.global_variables_initializer())
-    sess.run(assigns)
-    sess.run(lowering.copy_masters_to_slices())
-    return sess.run(tf_fetch)
+run = layer_harness.run
 
 
 def gelu(x):
@@ -209,18 +179,14 @@ class SparseFFNTest(absltest.TestCase):
     np.testing.assert_allclose(output(0.5, "eval"), output(0.0, "eval"), atol=1e-6)
 
   def test_incremental_decoding_input_without_length(self):
-    tf.reset_default_graph()
-    graph = mtf.Graph()
-    mesh = mtf.Mesh(graph, "mesh")
+    graph, mesh = layer_harness.new_graph(seed=3)
     batch_dim, length_dim = mtf.Dimension("batch", 4), mtf.Dimension("length", 8)
     model_dim = mtf.Dimension("d_model", D_MODEL)
     variable_dtype = mtf.VariableDType(tf.float32, tf.float32, tf.float32)
     x = mtf.random_normal(mesh, [batch_dim, model_dim])  # one position per sequence
-    model = types.SimpleNamespace(ensemble_dim=None, model_dim=model_dim, layout=None,
-                                  mesh_shape=None, autoregressive=True)
-    context = transformer.Context(model=model, mesh=mesh, batch_dims=[batch_dim],
-                                  length_dim=length_dim, variable_dtype=variable_dtype,
-                                  mode="incremental", losses=None)
+    context = layer_harness.fake_context(mesh, batch_dim, length_dim, model_dim, variable_dtype,
+                                         mode="incremental", layout=None, mesh_shape=None,
+                                         autoregressive=True, losses=None)
     layer = layers.SparseFFN(num_experts=4, hidden_size=4, group_size=8,
                              second_policy_eval="all")
     with tf.variable_scope("moe"):
@@ -233,8 +199,7 @@ class SparseFFNTest(absltest.TestCase):
   def test_router_summaries_share_one_prefix(self):
     layer = layers.SparseFFN(num_experts=4, hidden_size=4, group_size=8)
     graph, mesh, _, _, _ = build(layer)
-    mesh_impl = mtf.placement_mesh_impl.PlacementMeshImpl(shape=[], layout={}, devices=[""])
-    mtf.Lowering(graph, {mesh: mesh_impl})
+    layer_harness.lower(graph, mesh)
     names = sorted(name for name, _ in tf.get_collection(mtf.utils.SCALAR_SUMMARIES_COLLECTION_KEY))
     self.assertEqual(names, sorted(["moe/router/balance_loss", "moe/router/z_loss",
                                     "moe/router/fraction_dropped", "moe/router/confidence",

@@ -7,6 +7,7 @@ import tensorflow.compat.v1 as tf
 from st_moe import losses
 from st_moe import routing
 import graph_mode
+import layer_harness
 
 
 setUpModule = graph_mode.enter
@@ -19,8 +20,7 @@ def evaluate(build):
   graph = mtf.Graph()
   mesh = mtf.Mesh(graph, "mesh")
   tensors = build(mesh)
-  mesh_impl = mtf.placement_mesh_impl.PlacementMeshImpl(shape=[], layout={}, devices=[""])
-  lowering = mtf.Lowering(graph, {mesh: mesh_impl})
+  lowering = layer_harness.lower(graph, mesh)
   fetches = [lowering.export_to_tf_tensor(t) for t in tensors]
   with tf.Session() as sess:
     return sess.run(fetches)

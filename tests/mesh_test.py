@@ -4,16 +4,15 @@ The batch (hence the routing groups) is split over a mesh dimension and the expe
 one (dispatch and combine are then all-to-alls) or over another. Same weights (copied from the
 1-slice graph) and the same grouping (8 groups of 8 tokens on both meshes).
 """
-import types
 
 from absl.testing import absltest
 import mesh_tensorflow as mtf
-from mesh_tensorflow.transformer import transformer
 import numpy as np
 import tensorflow.compat.v1 as tf
 
 from st_moe import layers
 import graph_mode
+import layer_harness
 
 
 setUpModule = graph_mode.enter
@@ -24,24 +23,13 @@ BATCH, LENGTH, D_MODEL = 8, 8, 8
 
 def build_and_run(mesh_shape, layout, weights=None, num_experts=8, dispatch="einsum"):
   """One training step's forward and gradients; returns (results by name, weights by name)."""
-  tf.reset_default_graph()
-  tf.set_random_seed(7)
-  graph = mtf.Graph()
-  mesh = mtf.Mesh(graph, "mesh")
-  batch_dim, length_dim = mtf.Dimension("batch", BATCH), mtf.Dimension("length", LENGTH)
-  model_dim = mtf.Dimension("d_model", D_MODEL)
-  variable_dtype = mtf.VariableDType(tf.float32, tf.float32, tf.float32)
-  x = mtf.get_variable(mesh, "x", mtf.Shape([batch_dim, length_dim, model_dim]),
-                       initializer=tf.random_normal_initializer(), dtype=variable_dtype)
-  sequence_id = np.ones((BATCH, LENGTH), np.int32)
-  sequence_id[2, 6:] = 0
-  sequence_id = mtf.import_tf_tensor(mesh, tf.constant(sequence_id),
-                                     mtf.Shape([batch_dim, length_dim]))
-  model = types.SimpleNamespace(ensemble_dim=None, model_dim=model_dim, layout=layout,
-                                mesh_shape=mesh_shape, autoregressive=False)
-  context = transformer.Context(
-      model=model, mesh=mesh, batch_dims=[batch_dim], length_dim=length_dim,
-      variable_dtype=variable_dtype, mode="train", losses=[], sequence_id=sequence_id)
+  graph, mesh = layer_harness.new_graph(seed=7)
+  x, batch_dim, length_dim, model_dim, variable_dtype = layer_harness.random_input(
+      mesh, BATCH, LENGTH, D_MODEL)
+  sequence_id = layer_harness.sequence_ids(mesh, batch_dim, length_dim, {2: 6})
+  context = layer_harness.fake_context(mesh, batch_dim, length_dim, model_dim, variable_dtype,
+                                       sequence_id=sequence_id, layout=layout,
+                                       mesh_shape=mesh_shape)
   layer = layers.SparseFFN(num_experts=num_experts, hidden_size=6, group_size=8,
                            capacity_factor_train=1.0, second_policy_train="all",
                            multiplicative_bias=True, dispatch=dispatch)
@@ -50,10 +38,7 @@ def build_and_run(mesh_shape, layout, weights=None, num_experts=8, dispatch="ein
   loss = mtf.reduce_sum(mtf.square(y)) + mtf.add_n(context.losses)
   variables = graph.trainable_variables
   grads = mtf.gradients([loss], [v.outputs[0] for v in variables])
-  shape = mtf.convert_to_shape(mesh_shape)
-  mesh_impl = mtf.placement_mesh_impl.PlacementMeshImpl(
-      shape=shape, layout=layout, devices=[""] * max(1, shape.size))
-  lowering = mtf.Lowering(graph, {mesh: mesh_impl}, autostack=False)
+  lowering = layer_harness.lower(graph, mesh, mesh_shape, layout)
   fetches = {"y": lowering.export_to_tf_tensor(y), "loss": lowering.export_to_tf_tensor(loss)}
   for v, g in zip(variables, grads):
     fetches["grad/" + v.name] = lowering.export_to_tf_tensor(g)

@@ -5,17 +5,16 @@ upstream's give the same outputs, balance loss and z-loss (upstream's z-loss wei
 z_loss * loss_coef, so MoE1D.z_loss = router_z_loss_coef / balance_loss_coef) to 1e-5 in float32.
 Upstream's z-loss needs a padding mask, so the context has sequence ids (with padding).
 """
-import types
 
 from absl.testing import absltest
 import mesh_tensorflow as mtf
 from mesh_tensorflow.transformer import moe as upstream_moe
-from mesh_tensorflow.transformer import transformer
 import numpy as np
 import tensorflow.compat.v1 as tf
 
 from st_moe import layers
 import graph_mode
+import layer_harness
 
 
 setUpModule = graph_mode.enter
@@ -30,27 +29,14 @@ NAME_MAP = {"router/kernel": "top_2_gating/kernel", "wi_0/kernel": "wi_0/kernel"
 
 def run_pair(capacity_factor, policy, mode="train", group_size=16, dispatch="einsum"):
   """Builds ours and upstream on the same input and weights; returns numpy results of both."""
-  tf.reset_default_graph()
-  tf.set_random_seed(1)
-  graph = mtf.Graph()
-  mesh = mtf.Mesh(graph, "mesh")
-  batch_dim, length_dim = mtf.Dimension("batch", BATCH), mtf.Dimension("length", LENGTH)
-  model_dim = mtf.Dimension("d_model", D_MODEL)
-  variable_dtype = mtf.VariableDType(tf.float32, tf.float32, tf.float32)
-  x = mtf.get_variable(mesh, "x", mtf.Shape([batch_dim, length_dim, model_dim]),
-                       initializer=tf.random_normal_initializer(), dtype=variable_dtype)
-  sequence_id = np.ones((BATCH, LENGTH), np.int32)
-  sequence_id[1, 11:] = 0  # padding
-  sequence_id[3, 5:] = 0
-  sequence_id = mtf.import_tf_tensor(mesh, tf.constant(sequence_id),
-                                     mtf.Shape([batch_dim, length_dim]))
-  model = types.SimpleNamespace(ensemble_dim=None, model_dim=model_dim, layout="", mesh_shape="",
-                                autoregressive=False)
+  graph, mesh = layer_harness.new_graph(seed=1)
+  x, batch_dim, length_dim, model_dim, variable_dtype = layer_harness.random_input(
+      mesh, BATCH, LENGTH, D_MODEL)
+  sequence_id = layer_harness.sequence_ids(mesh, batch_dim, length_dim, {1: 11, 3: 5})
 
   def context():
-    return transformer.Context(
-        model=model, mesh=mesh, batch_dims=[batch_dim], length_dim=length_dim,
-        variable_dtype=variable_dtype, mode=mode, losses=[], sequence_id=sequence_id)
+    return layer_harness.fake_context(mesh, batch_dim, length_dim, model_dim, variable_dtype,
+                                      mode=mode, sequence_id=sequence_id)
 
   ours = layers.SparseFFN(
       num_experts=EXPERTS, hidden_size=HIDDEN, group_size=group_size,
@@ -77,8 +63,7 @@ def run_pair(capacity_factor, policy, mode="train", group_size=16, dispatch="ein
     grad_x, = mtf.gradients([loss], [x])
     results[name] = [y, grad_x] + list(ctx.losses)
   variables = {v.name: v for v in graph.trainable_variables}
-  mesh_impl = mtf.placement_mesh_impl.PlacementMeshImpl(shape=[], layout={}, devices=[""])
-  lowering = mtf.Lowering(graph, {mesh: mesh_impl}, autostack=False)
+  lowering = layer_harness.lower(graph, mesh)
   fetches = {k: [lowering.export_to_tf_tensor(t) for t in v] for k, v in results.items()}
   copies = []
   for ours_name, up_name in NAME_MAP.items():
