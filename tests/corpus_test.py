@@ -17,6 +17,8 @@ import tempfile
 
 from absl.testing import absltest
 import seqio
+from t5.models import mesh_transformer
+from t5.models import utils as t5_model_utils
 
 import st_moe.tasks
 from st_moe.tasks import corpus
@@ -214,6 +216,17 @@ class DocsTaskTest(absltest.TestCase):
       total += n_noise + len(inputs) - 1 - len(sentinels(inputs))
     self.assertAlmostEqual(noise / total, 0.15, delta=0.02)
 
+  def test_through_t5_mesh_train_dataset_fn(self):
+    # The path t5_mesh_transformer takes: packed examples, and the run's vocabulary from the task.
+    ds = mesh_transformer.mesh_train_dataset_fn(
+        st_moe.tasks.DOCS_TASK, {"inputs": 64, "targets": 16}, seed=0)
+    ex = next(ds.as_numpy_iterator())
+    self.assertEqual((ex["inputs"].shape, ex["targets"].shape), ((64,), (16,)))
+    self.assertIn("inputs_segmentation", ex)
+    self.assertGreater(int((ex["inputs"] != 0).sum()), 48)  # filled, not mostly padding
+    self.assertEqual(t5_model_utils.get_vocabulary(st_moe.tasks.DOCS_TASK),
+                     (corpus.docs_vocabulary(),) * 2)
+
   def test_golden_first_validation_example(self):
     """The first example puts back together into the first validation document's first tokens."""
     v = corpus.docs_vocabulary()
@@ -227,7 +240,9 @@ class DocsTaskTest(absltest.TestCase):
       else:
         spans[current].append(i)
     merged = [t for i in inputs for t in (spans[i] if i >= 8092 else [i])]
-    first_doc = corpus.split_texts("validation")[0]
+    first = corpus.split_documents("validation")[0]
+    self.assertEqual(first["id"], GOLDEN_DOCUMENT)
+    first_doc = first["text"]
     self.assertEqual(merged, v.encode(first_doc)[:len(merged)])
     self.assertEqual(v.decode(ex["inputs"].tolist()), GOLDEN_INPUTS)
     self.assertEqual(v.decode(ex["targets"].tolist()), GOLDEN_TARGETS)
@@ -235,8 +250,20 @@ class DocsTaskTest(absltest.TestCase):
 
 # The first validation example (split "validation", shuffle=False, seed=1, lengths 128/32): a
 # regression golden, recorded when the task was added; its correctness is the merge check above.
-GOLDEN_INPUTS = ""
-GOLDEN_TARGETS = ""
+GOLDEN_DOCUMENT = "tensorflow/python/compiler/xla/xla.py"
+GOLDEN_INPUTS = (
+    "xla is an experimental library that provides XLA support APIs. Operations that indicate some "
+    "error in <extra_id_0> graph. For example, XLA computation should not have any Placeholder op. "
+    "XLA doesn't currently support reading of intermediate tensors, thus some ops are not "
+    "supported. A Python function that builds a computation to <extra_id_1> input. If "
+    "<extra_id_2> function takes n inputs, 'inputs' should be a list of n `Tensor`s. Known "
+    "issues: <extra_id_3>, the implementation doesn't pass the user <extra_id_4> to the XLA "
+    "compiler. As such, the XLA compiler generates a random <extra_id_5> uses it as a seed when "
+    "compiling the <extra_id_6>")
+GOLDEN_TARGETS = (
+    "<extra_id_0> the users <extra_id_1> apply to the <extra_id_2> the <extra_id_3> When a "
+    "tf.random operation is built with XLA <extra_id_4> provided seed <extra_id_5> number and "
+    "<extra_id_6> operation")
 
 
 if __name__ == "__main__":
