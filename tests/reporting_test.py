@@ -59,5 +59,54 @@ class ReportingTest(absltest.TestCase):
         reporting.plot_heatmap(np.eye(3), ["a"], ["x"], os.path.join(d, "bad.png"), "t")
 
 
+  def test_format_mean_std_prints_no_spread_for_one_seed(self):
+    self.assertEqual(reporting.format_mean_std([-1.25]), "-1.250")
+    # mean 2.0, sample std sqrt(((1-2)^2 + (3-2)^2) / 1) = 1.414
+    self.assertEqual(reporting.format_mean_std([1.0, 3.0, None]), "2.000 +- 1.414")
+    self.assertEqual(reporting.format_mean_std([None, float("nan")]), "")
+    self.assertEqual(reporting.format_mean_std([0.5, 0.5], "{:.1f}"), "0.5 +- 0.0")
+
+  def test_smooth_is_a_trailing_mean_that_skips_nan(self):
+    got = reporting.smooth([1.0, 3.0, float("nan"), 5.0, 7.0], window=2)
+    np.testing.assert_allclose(got, [1.0, 2.0, 3.0, 5.0, 6.0])
+    with self.assertRaisesRegex(ValueError, "window=0"):
+      reporting.smooth([1.0], 0)
+
+  def test_new_plots_are_written(self):
+    rng = np.random.RandomState(0)
+    with tempfile.TemporaryDirectory() as d:
+      steps = np.arange(0, 200, 2)
+      paths = [
+          reporting.plot_loss_curves(
+              {"st_moe_tiny": (steps, 6 * np.exp(-steps / 80) + 2 + 0.3 * rng.randn(100)),
+               "dense_tiny": (steps, 6 * np.exp(-steps / 90) + 2.2 + 0.3 * rng.randn(100))},
+              os.path.join(d, "loss.png"), "Training loss",
+              validation={"st_moe_tiny": ([100, 198], [2.9, 2.4]),
+                          "dense_tiny": ([100, 198], [3.1, 2.6])}),
+          reporting.plot_entropy_bars(
+              {"ours": {"encoder": [0.9, 0.8], "decoder": [0.95, 0.7]},
+               "paper": {"encoder": [0.6, 0.5, 0.4, 0.6, 0.7, 0.8],
+                         "decoder": [0.9, 0.9, 0.9, 0.9, 0.9, 0.9]}},
+              os.path.join(d, "entropy.png"), "Router entropy",
+              errors={"ours": {"encoder": [0.02, 0.03], "decoder": [0.01, 0.02]}}),
+          reporting.plot_routing_heatmap(np.array([[0.5, 0.5, 0, 0, 0, 0], [0, 0, 0, 0, 0.2, 0.8]]),
+                                         [0.25, 0.25, 0, 0, 0.1, 0.4], list("abcdef"),
+                                         os.path.join(d, "heat.png"), "Classes"),
+          reporting.plot_capacity_grid(
+              [[[-2.10, -2.12], [-2.05, -2.06]], [[-2.08, -2.09], [-2.04, -2.03]]],
+              [1.0, 1.25], [1.0, 2.0], os.path.join(d, "capacity.png"), "Capacity"),
+          reporting.plot_capacity_grid([[[-2.1], [-2.0]]], [1.25], [1.0, 2.0],
+                                       os.path.join(d, "capacity_one_seed.png"), "One seed"),
+      ]
+      for path in paths:
+        with open(path, "rb") as f:
+          self.assertEqual(f.read(8), PNG_MAGIC, path)
+      with self.assertRaisesRegex(ValueError, "no encoder or decoder values"):
+        reporting.plot_entropy_bars({"ours": {}}, os.path.join(d, "e.png"), "t")
+      if os.environ.get("ST_MOE_KEEP_PNG"):
+        import shutil  # pylint: disable=g-import-not-at-top
+        shutil.copytree(d, os.environ["ST_MOE_KEEP_PNG"], dirs_exist_ok=True)
+
+
 if __name__ == "__main__":
   absltest.main()

@@ -318,7 +318,7 @@ def plot_routing_heatmap(shares, base_rates, class_names, path, title):
 
 
 def plot_capacity_grid(values, train_factors, eval_factors, path, title, value_format="{:.3f}",
-                       min_span=None, higher_is_better=True, colorbar_label="mean over seeds"):
+                       min_span=None, higher_is_better=True, colorbar_label=None):
   """Grid of a metric by (train, eval) capacity factor, cells "mean +- std" over seeds.
 
   The colour scale spans at least `min_span` (default: 4 x the largest std over seeds, so that
@@ -331,8 +331,10 @@ def plot_capacity_grid(values, train_factors, eval_factors, path, title, value_f
     path: output file (.png, local or gs://).
     title: the figure's title.
     value_format: format of mean and std.
-    min_span: the narrowest colour range, in the metric's units.
+    min_span: the narrowest colour range, in the metric's units. With one seed per cell nothing
+      measures the noise: pass the spread seen elsewhere (e.g. between seeds of another table).
     higher_is_better: bright is better (False flips the colour map).
+    colorbar_label: default "mean over N seeds" (or "one seed: spread unknown").
   """
   means = np.full((len(train_factors), len(eval_factors)), np.nan)
   stds = []
@@ -348,6 +350,9 @@ def plot_capacity_grid(values, train_factors, eval_factors, path, title, value_f
       text[-1].append(format_mean_std(cell, value_format))
   if min_span is None:
     min_span = 4 * max(stds) if stds else 0.0
+  if colorbar_label is None:
+    seeds = max((len([v for v in c if v is not None]) for r in values for c in r if c), default=0)
+    colorbar_label = f"mean over {seeds} seeds" if seeds > 1 else "one seed: spread unknown"
   finite = means[np.isfinite(means)]
   low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
   if high - low < min_span:
