@@ -74,13 +74,14 @@ _SECTION = re.compile(
     r"warnings?|todo|usage|inputs|outputs)\s*:?\s*$", re.IGNORECASE)
 _UNDERLINE = re.compile(r"^\s*([-=~^*+#`:.])\1{2,}\s*$")
 _URL = re.compile(r"https?://\S+|www\.\S+")
-# "x : int", "x (int, optional):", ":param x:", "x: the thing" -> keep what follows.
+_NAMES = r"^\*{0,2}[A-Za-z_][\w.]*(, \*{0,2}[A-Za-z_][\w.]*)*"  # "x", "*args, **kwargs"
+# ":param x: ...", "x (int, optional): ...", "x: ..." -> the text after the prefix.
 _PARAM_PREFIXES = (
     re.compile(r"^:(param|type|raises?|returns?|rtype|var|ivar|cvar)\b[^:]*:\s*"),
-    re.compile(r"^\*{0,2}[A-Za-z_][\w.]*(, \*{0,2}[A-Za-z_][\w.]*)*\s*\(([^()]|\([^()]*\))*\)\s*:\s*"),
-    re.compile(r"^\*{0,2}[A-Za-z_][\w.]*(, \*{0,2}[A-Za-z_][\w.]*)*\s*:\s+"),
+    re.compile(_NAMES + r"\s*\(([^()]|\([^()]*\))*\)\s*:\s*"),
+    re.compile(_NAMES + r"\s*:\s+"),
 )
-_NUMPYDOC_PARAM = re.compile(r"^\*{0,2}[A-Za-z_][\w.]*(, \*{0,2}[A-Za-z_][\w.]*)*\s+:\s*\S.*$")
+_NUMPYDOC_PARAM = re.compile(_NAMES + r"\s+:\s*\S.*$")  # "x : int, optional" (dropped)
 _CODE_CHARS = re.compile(r"[=(){}\[\]<>_*/\\|@$#%^~`;]")
 _WORD = re.compile(r"[A-Za-z]+(?:'[a-z]+)?")
 
