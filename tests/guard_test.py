@@ -216,7 +216,7 @@ class GuardEntryPointTest(absltest.TestCase):
         entry_point_command(os.path.join(tmp, "model"), "utils.run.train_steps = 6",
                             "learning_rate_schedules.learning_rate_schedule_noam.multiplier = 1e999",
                             "st_moe.GuardedOptimizer.max_consecutive_skips = 2"),
-        capture_output=True, text=True, env=entry_point_env(), cwd=tmp, timeout=600, check=False)
+        capture_output=True, text=True, env=entry_point_env(), cwd=tmp, timeout=1500, check=False)
     self.assertNotEqual(out.returncode, 0, out.stderr[-3000:])
     self.assertRegex(out.stderr, re.escape(guard.STOP_MESSAGE_PREFIX)
                      + r": 2 consecutive training steps .* loss [0-9.e+]+; first variable with a "

@@ -13,6 +13,7 @@ both alike; the medians and their ratio are reported. No input pipeline, no chec
 Results: docs/performance.md ("Cost of the non-finite guard").
 """
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -41,8 +42,8 @@ def _step(guarded, batch_size, lengths, seed=0):
   from st_moe import guard  # pylint: disable=g-import-not-at-top
 
   import gin  # pylint: disable=g-import-not-at-top
-  mesh_shape = gin.query_parameter("utils.run.mesh_shape")
-  layout_rules = gin.query_parameter("utils.run.layout_rules")
+  mesh_shape = mtf.convert_to_shape(gin.query_parameter("utils.run.mesh_shape"))
+  layout_rules = mtf.convert_to_layout_rules(gin.query_parameter("utils.run.layout_rules"))
   graph = tf.Graph()
   with graph.as_default():
     tf.random.set_random_seed(seed)
@@ -56,7 +57,8 @@ def _step(guarded, batch_size, lengths, seed=0):
         use_tpu=False, mesh_shape=mesh_shape, layout_rules=layout_rules, batch_size=batch_size,
         sequence_length=lengths, autostack=True, keep_checkpoint_max=1,
         save_checkpoints_steps=10**9,
-        learning_rate_schedule=learning_rate_schedules.learning_rate_schedule_noam,
+        learning_rate_schedule=functools.partial(  # as utils.run binds it
+            learning_rate_schedules.learning_rate_schedule_noam, total_train_steps=10**6),
         optimizer=guard.GuardedOptimizer if guarded else optimize.AdafactorOptimizer)
     rng = np.random.RandomState(seed)
     features = {k: tf.constant(rng.randint(3, VOCAB_SIZE - 100, size=[batch_size, n]), tf.int32)
@@ -71,7 +73,6 @@ def _step(guarded, batch_size, lengths, seed=0):
     session.run([tf.global_variables_initializer(), tf.local_variables_initializer()])
     for hook in hooks:
       hook.after_create_session(session, None)
-    del mtf
   return session, spec.train_op, params
 
 
