@@ -154,7 +154,10 @@ def add_eval_metrics(spec):
     return metrics
 
   extra = [tf.reshape(value, [1]) for _, value in scalars]
-  return spec._replace(eval_metrics=(with_router_means, tensors + extra))
+  # Through the constructor, not _replace: TPUEstimatorSpec records its host calls (which the CPU
+  # path of TPUEstimator runs) in __new__.
+  fields = dict(spec._asdict(), eval_metrics=(with_router_means, tensors + extra))
+  return type(spec)(**fields)
 
 
 def wrap_model_fn(model_fn, model_dir, use_tpu, options):

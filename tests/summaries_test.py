@@ -63,6 +63,8 @@ class EvalMetricsTest(absltest.TestCase):
       spec = tpu_estimator.TPUEstimatorSpec(tf.estimator.ModeKeys.EVAL, loss=tf.constant(1.0),
                                             eval_metrics=(metric_fn, [xent]))
       spec = summaries.add_eval_metrics(spec)
+      # What TPUEstimator's CPU path evaluates: the spec's recorded host calls.
+      self.assertIn("dec/router/fraction_dropped", spec.as_estimator_spec().eval_metric_ops)
       fn, tensors = spec.eval_metrics
       metrics = fn(*tensors)
       self.assertEqual(set(metrics), {"neg_log_perplexity", "dec/router/fraction_dropped"})
