@@ -372,13 +372,21 @@ def child_command(spec) -> List[str]:
 
 
 def _die_with_parent():
-  """In a child before exec (Linux): SIGTERM it when the process that started it dies, so that a
-  killed demo or table leaves no tracer or counter behind."""
+  """A preexec_fn that has the child SIGKILLed when this process dies (Linux; else None), so that
+  a killed demo or table leaves no tracer or counter behind. libc is loaded here, in the parent:
+  the child, forked from a process with threads, only calls prctl and getppid before it execs."""
   try:
     import ctypes  # pylint: disable=g-import-not-at-top
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 15)  # PR_SET_PDEATHSIG, SIGTERM
+    prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
   except (OSError, AttributeError):
-    pass
+    return None
+  parent = os.getpid()
+
+  def set_death_signal():
+    prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+    if os.getppid() != parent:  # the parent died before prctl took effect
+      os._exit(1)  # pylint: disable=protected-access
+  return set_death_signal
 
 
 def _run_child(spec, what, show):
@@ -387,7 +395,7 @@ def _run_child(spec, what, show):
   env = dict(os.environ)
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env,
-                        preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                        preexec_fn=_die_with_parent())
   if proc.returncode != 0:
     raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
   return cmd
