@@ -68,7 +68,8 @@ def load_examples(task_name, split, sequence_length, num_tokens, batch_size, see
                         try_in_mem_cache=False)
   inputs, targets = [], []
   total = 0
-  for ex in ds.as_numpy_iterator():
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  for ex in tfds.as_numpy(ds):  # eager or, in a TF1 graph-mode process, through a session
     row_in = np.zeros(sequence_length["inputs"], np.int32)
     row_tg = np.zeros(sequence_length["targets"], np.int32)
     x = ex["inputs"][:sequence_length["inputs"]]
