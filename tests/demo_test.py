@@ -45,7 +45,7 @@ def demo_cmd(out, models=("st_moe_tiny", "dense_tiny"), gin_params=()):
 
 
 def run_demo(out, **kwargs):
-  return subprocess.run(demo_cmd(out, **kwargs), capture_output=True, text=True, timeout=1500)
+  return subprocess.run(demo_cmd(out, **kwargs), capture_output=True, text=True, timeout=2400)
 
 
 def processes_naming(text):
