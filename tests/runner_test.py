@@ -44,9 +44,11 @@ class ProgressTest(absltest.TestCase):
 
   def test_steps_losses_router_and_throughput_from_the_event_files(self):
     with tempfile.TemporaryDirectory() as d:
-      # Steps 1..3 at 10 s each: 2 steps x 100 tokens in 20 s after the first step = 10 tokens/s.
-      write_events(d, [(s, 1000.0 + 10 * s, dict(loss=5.0 - s, **router_values(0.1 * s)))
-                       for s in (1, 2, 3)], "events.out.tfevents.2000.host")
+      # Steps 2 and 3 come 40 s and 50 s after step 1: from step 2 on (the first interval holds
+      # the executors' start-up), 1 step x 100 tokens in 10 s = 10 tokens/s.
+      write_events(d, [(s, t, dict(loss=5.0 - s, **router_values(0.1 * s)))
+                       for s, t in ((1, 1000.0), (2, 1040.0), (3, 1050.0))],
+                   "events.out.tfevents.2000.host")
       progress = runner.Progress(d, tokens_per_step=100, every=2, label="m", since=1500)
       shown = progress.poll()  # while running, the newest step waits for the next poll
       self.assertEqual(progress.steps, [1, 2])
