@@ -52,6 +52,8 @@ class StatsTest(absltest.TestCase):
     mixed = np.array([[0.5, 0.5, 0.0, 0.0]])
     self.assertAlmostEqual(rs.mean_router_entropy(mixed), math.log(2), places=12)
     self.assertAlmostEqual(rs.uniform_entropy(32), 3.4657, places=4)
+    # All tokens on one expert: 0.0, printed "0" (not "-0") in the tracer's tables.
+    self.assertEqual(str(rs.load_entropy(np.array([2, 2, 2]), 4)), "0.0")
 
   def test_entropy_rejects_empty(self):
     with self.assertRaisesRegex(ValueError, "router_probs"):

@@ -78,7 +78,7 @@ def entropy(p, axis=-1):
   """Entropy in nats of distributions along `axis` (0 log 0 = 0)."""
   p = np.asarray(p, dtype=np.float64)
   logp = np.log(np.where(p > 0, p, 1.0))
-  return -np.sum(p * logp, axis=axis)
+  return 0.0 - np.sum(p * logp, axis=axis)  # 0.0 - x: a certain distribution gives 0.0, not -0.0
 
 
 def mean_router_entropy(router_probs):
