@@ -282,18 +282,18 @@ def plot_entropy_bars(series, path, title, errors=None, ylabel="router entropy /
       bars = ax.bar(x, values, width=width, label=label,
                     yerr=None if std is None else np.asarray(std, dtype=np.float64), capsize=2)
       if len(values) * len(series) <= 24:
-        ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
-    ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
-    ax.text(layers + 0.5, 1.01, "uniform (ln E)", fontsize=7, va="bottom", ha="right")
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, label_type="center", color="white")
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="uniform (ln E)")
     ax.set_xticks(range(1, layers + 1))
     ax.set_xlabel(f"{stack} sparse layer")
     ax.set_title(stack, fontsize=10)
     ax.set_ylim(0.0, 1.12)
     ax.grid(axis="y", alpha=0.3)
   axes[0][0].set_ylabel(ylabel)
-  axes[0][-1].legend(fontsize=7, loc="lower right")
-  fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
+  handles, labels = axes[0][-1].get_legend_handles_labels()
+  fig.legend(handles, labels, fontsize=7, loc="upper right", ncol=len(labels))
+  fig.suptitle(title, fontsize=10, x=0.02, ha="left")
+  fig.tight_layout(rect=(0, 0, 1, 0.93))
   return _save(fig, path)
 
 
