@@ -4,8 +4,8 @@ Both training steps are built in one process, in two graphs, by mesh_tensorflow'
 function (`utils.tpu_estimator_model_fn`, as t5_mesh_transformer builds it on the CPU, with the
 gin files of a run: a model file, cpu.gin, pretrain_c4.gin), on the same fixed batch; only
 `optimizer` differs (`st_moe.GuardedOptimizer` around Adafactor vs `optimize.AdafactorOptimizer`).
-The two are stepped alternately (off, on, off, on, ...) after warm-up steps, so machine load hits
-both alike; the medians and their ratio are reported. No input pipeline, no checkpoints.
+The two are stepped alternately (off, on, on, off, off, on, ...) after warm-up steps, so machine
+load hits both alike; reported: both medians, their ratio, and the median of the per-rep ratios. No input pipeline, no checkpoints.
 
   python -m st_moe.experiments.bench_guard                # st_moe_tiny and a 4x wider model
   python -m st_moe.experiments.bench_guard --reps=40 --configs=tiny
@@ -77,7 +77,7 @@ def _step(guarded, batch_size, lengths, seed=0):
 
 
 def measure(name, reps=25, warmup=3):
-  """{config, params, off_ms, on_ms, ratio, reps} for one entry of CONFIGS."""
+  """{config, params, off_ms, on_ms, ratio, pair_ratio_median, reps} for one entry of CONFIGS."""
   import gin  # pylint: disable=g-import-not-at-top
   import st_moe.register  # pylint: disable=g-import-not-at-top,unused-import
   model_file, bindings, batch_size, lengths = CONFIGS[name]
@@ -93,18 +93,21 @@ def measure(name, reps=25, warmup=3):
   arms = {"off": _step(False, batch_size, lengths), "on": _step(True, batch_size, lengths)}
   times = {"off": [], "on": []}
   for rep in range(warmup + reps):
-    for arm in ("off", "on"):
+    for arm in (("off", "on") if rep % 2 == 0 else ("on", "off")):  # neither always goes first
       session, train_op, _ = arms[arm]
       start = time.perf_counter()
       session.run(train_op)
       if rep >= warmup:
         times[arm].append(1000 * (time.perf_counter() - start))
   off, on = statistics.median(times["off"]), statistics.median(times["on"])
+  # Each rep's on/off ratio: the two steps of a rep ran seconds apart, under the same load.
+  pair = statistics.median(a / b for a, b in zip(times["on"], times["off"]))
   for session, _, _ in arms.values():
     session.close()
   return {"config": name, "model": model_file, "bindings": bindings, "batch_size": batch_size,
           "sequence_length": lengths, "params": arms["on"][2], "reps": reps,
-          "off_ms": round(off, 2), "on_ms": round(on, 2), "ratio": round(on / off, 4)}
+          "off_ms": round(off, 2), "on_ms": round(on, 2), "ratio": round(on / off, 4),
+          "pair_ratio_median": round(pair, 4)}
 
 
 def main(argv=None):
