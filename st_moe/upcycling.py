@@ -41,8 +41,9 @@ Extra dense FFN (ST-MoE's dense FFN after each sparse one), `extra_dense_ffn`:
      longer computes the dense model's function and the first steps have to recover from that.
 Optimizer state (`optimizer_slots`): "tile" (default) copies each parameter's Adafactor slots
 (<name>_slot_vr / _slot_vc / _slot_v / _slot_m) with it, tiled over experts for expert weights
-(the paper copies the optimizer state optionally); the router's slots start at zero, as Adafactor
-creates them. "drop" writes no slot: Adafactor starts every accumulator at zero.
+(the paper copies the optimizer state optionally); an extra dense FFN's slots are those of the FFN
+it copies (its zero output kernel's too); the router's slots start at zero, as Adafactor creates
+them. "drop" writes no slot: Adafactor starts every accumulator at zero.
 Step (`step`): "keep" (default) writes the dense checkpoint's global_step, so learning rate and
 Adafactor decay schedules continue where the dense run stopped (train_steps counts from there:
 1000000 + N for the public T5.1.1 checkpoints); an integer writes that step instead (0 restarts

@@ -242,7 +242,7 @@ class UpcycleEndToEndTest(absltest.TestCase):
     final = os.path.join(self.finetune_dir, f"model.ckpt-{DENSE_STEPS + 2}")
     self.assertTrue(os.path.exists(final + ".index"), os.listdir(self.finetune_dir))
     self.assertNotRegex(log, r"Saving checkpoints for 0 into")  # step kept: starts at 2
-    losses = [float(x) for x in re.findall(r"Loss for final step: ([0-9.]+)", log)]
+    losses = [float(x) for x in re.findall(r"Loss for final step: ([0-9]+\.[0-9]+)", log)]
     self.assertTrue(losses and all(0.0 < x < 100.0 for x in losses), log[-3000:])
     # Started from the upcycled values: two Adafactor steps (relative updates ~1e-3 with
     # multiply_by_parameter_scale) move each tensor a little; a fresh initialisation would be
