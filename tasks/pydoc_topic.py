@@ -25,6 +25,11 @@ target is one to three pieces of the embedded vocabulary, so decoding is short; 
 bag of words on the train split reaches 95.8% on validation, so the task is learnable from 288
 examples. The four documents are in the train split of the pretraining corpus (as C4 text would
 be for a real downstream task); the labels are not.
+
+Measured (st_moe_tiny pretrained 400 steps on st_moe_embedded_span_corruption, then fine-tuned with
+finetune.gin, 16 sequences of 128 + 8 tokens per step, decoded greedily with eval.gin): validation
+accuracy 90.3 after 100 steps and 94.4 after 300 at a constant learning rate of 1e-2; 33.3 after
+300 and 80.6 after 600 at finetune.gin's 1e-3.
 """
 import re
 
