@@ -81,8 +81,11 @@ def _gated_value(ok: mtf.Tensor, variable: mtf.Variable, value: mtf.Tensor,
   """What an assignment writes when the step may be skipped: `value` if ok, else a no-op value."""
   if assign_fn is mtf.assign_slice:
     return _where(ok, value, variable.outputs[0])  # write the old value back
-  if assign_fn in (mtf.assign_add_slice, mtf.assign_sub_slice):
-    return _where(ok, value, mtf.zeros(value.mesh, value.shape, value.dtype))  # add/subtract 0
+  if assign_fn in (mtf.assign_add_slice, mtf.assign_sub_slice):  # add or subtract 0 instead
+    def select(c, a):
+      return tf.where_v2(c, a, tf.zeros([], a.dtype))  # a scalar 0, broadcast: no zeros tensor
+    return mtf.slicewise(select, [ok, value], output_shape=value.shape, output_dtype=value.dtype,
+                         splittable_dims=value.shape.dims, name="st_moe_guard_select")
   raise ValueError(
       f"st_moe.GuardedOptimizer: the wrapped optimizer assigns {variable.name} with "
       f"{getattr(assign_fn, '__name__', assign_fn)}; only mtf.assign, mtf.assign_add and "
