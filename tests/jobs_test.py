@@ -132,6 +132,25 @@ class BookkeepingTest(absltest.TestCase):
       with self.assertRaisesRegex(AssertionError, "runner.run called"):
         jobs.evaluate(job, "eval_cf2", eval_steps=2, gin_params=["x = 1"])
 
+  def test_a_trace_is_cached_for_its_step_and_settings(self):
+    job = _job(os.path.join(self.dir, "trace"))
+    out = os.path.join(self.dir, "trace", "trace_cf2")
+    os.makedirs(out)
+    with open(job.path("checkpoint"), "w") as f:
+      f.write('model_checkpoint_path: "model.ckpt-6"\n')
+    jobs.write_json(os.path.join(out, "routing.json"), [{"fraction_dropped": 0.25}])
+    jobs.write_text(os.path.join(out, "routing.md"), "# routing\n")
+    meta = dict(step=6, task="some_task", split="validation", num_tokens=64,
+                gin_params=job.model_params(), capacity_factor_eval=2.0, command="python -m x")
+    jobs.write_json(os.path.join(out, "trace_meta.json"), meta)
+    with mock.patch.object(jobs, "_run_child", _no_run):
+      found = jobs.trace(job, {2.0: out}, num_tokens=64)
+    self.assertEqual(found[2.0]["layers"], [{"fraction_dropped": 0.25}])
+    self.assertEqual(found[2.0]["command"], "python -m x")
+    with mock.patch.object(jobs, "_run_child", _no_run):  # other tokens: traced again
+      with self.assertRaisesRegex(AssertionError, "runner.run called"):
+        jobs.trace(job, {2.0: out}, num_tokens=128)
+
   def test_child_rejects_an_unknown_op(self):
     proc = subprocess.run(jobs.child_command({"op": "fly"}), capture_output=True, text=True,
                           check=False)

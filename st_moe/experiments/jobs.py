@@ -429,9 +429,11 @@ def trace(job: Job, outputs: Dict[float, str], *, num_tokens: int, split="valida
           "sequence_length": job.shape.sequence_length(), "outputs": []}
   meta = {cf: dict(step=step, task=job.task, split=split, num_tokens=num_tokens,
                    gin_params=job.model_params(), capacity_factor_eval=cf) for cf in outputs}
-  todo = [cf for cf, out in outputs.items()
-          if read_json(join(out, "trace_meta.json")) != meta[cf] or
-          not exists(join(out, "routing.json"))]
+  def cached(cf):  # the meta file also records the command that wrote it
+    recorded = read_json(join(outputs[cf], "trace_meta.json")) or {}
+    return ({k: recorded.get(k) for k in meta[cf]} == meta[cf]
+            and exists(join(outputs[cf], "routing.json")))
+  todo = [cf for cf in outputs if not cached(cf)]
   command = None
   if todo:
     spec["outputs"] = [[cf, outputs[cf]] for cf in todo]
