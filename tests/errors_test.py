@@ -185,6 +185,8 @@ class BatchSizeTest(absltest.TestCase):
 
   def test_finalize_hook_raises_before_any_graph(self):
     import mesh_tensorflow.transformer.utils  # pylint: disable=g-import-not-at-top,unused-import
+    import st_moe.register  # pylint: disable=g-import-not-at-top,unused-import  (installs the hook)
+    self.assertFalse(guard.install_preflight())  # installed once, by st_moe.register
     self.addCleanup(gin.clear_config)
     gin.parse_config(["utils.run.batch_size = ('sequences_per_batch', 6)",
                       "utils.run.mesh_shape = 'batch:4'",
