@@ -35,13 +35,19 @@ DIVERGING = ["utils.run.learning_rate_schedule = @learning_rate_schedules.consta
              "learning_rate_schedules.constant_learning_rate.learning_rate = 1e30"]
 
 
-def demo_cmd(out, models=("st_moe_tiny", "dense_tiny"), gin_params=()):
+FINETUNE_STEPS = 2
+
+
+def demo_cmd(out, models=("st_moe_tiny", "dense_tiny"), gin_params=(), finetune=False):
+  # The fine-tuning stage (embedded downstream task, decoding) only in the shared whole run.
+  finetune_flags = ([f"--finetune_steps={FINETUNE_STEPS}", "--finetune_batch_size=4"] if finetune
+                    else ["--finetune_task="])
   return ([sys.executable, os.path.join(REPO, "tools", "demo.py"), f"--out={out}",
            f"--train_steps={STEPS}", f"--checkpoint_every={EVERY}", "--eval_steps=1",
            "--batch_size=4", f"--inputs_length={LENGTHS['inputs']}",
            f"--targets_length={LENGTHS['targets']}", f"--trace_tokens={TRACE_TOKENS}",
            f"--capacity_factor_eval={CF_EVAL}", f"--models={','.join(models)}"]
-          + [f"--gin_param={p}" for p in gin_params])
+          + finetune_flags + [f"--gin_param={p}" for p in gin_params])
 
 
 def run_demo(out, **kwargs):
@@ -75,7 +81,7 @@ class DemoTest(absltest.TestCase):
     super().setUpClass()
     cls.tmp = tempfile.TemporaryDirectory()
     cls.out = os.path.join(cls.tmp.name, "whole")
-    cls.proc = run_demo(cls.out)
+    cls.proc = run_demo(cls.out, finetune=True)
 
   @classmethod
   def tearDownClass(cls):
@@ -121,8 +127,38 @@ class DemoTest(absltest.TestCase):
     # From the sparse layers' summaries in the event files (no print_metrics).
     self.assertRegex(self.proc.stdout, r"\[st_moe_tiny\] step +\d+ +loss .* router z-loss")
 
+  def test_finetunes_and_decodes_each_model(self):
+    with open(os.path.join(self.out, "report.md")) as f:
+      report = f.read()
+    self.assertIn("## Fine-tuning and decoding", report)
+    self.assertIn("![fine-tuning loss](finetune_curves.png)", report)
+    with open(os.path.join(self.out, "finetune_curves.png"), "rb") as f:
+      self.assertEqual(f.read(8), PNG_MAGIC)
+    task = "st_moe_embedded_pydoc_topic"
+    for model in ("st_moe_tiny", "dense_tiny"):
+      model_dir = os.path.join(self.out, f"{model}_finetune")
+      # Fine-tuning counts on from the pretrained checkpoint (step 4) for FINETUNE_STEPS steps.
+      final = STEPS + FINETUNE_STEPS
+      self.assertTrue(os.path.exists(os.path.join(model_dir, f"model.ckpt-{final}.index")),
+                      sorted(os.listdir(model_dir)))
+      with open(os.path.join(model_dir, "decode.json")) as f:
+        decoded = json.load(f)
+      self.assertEqual(decoded["step"], final)
+      # The accuracy the run reports is the exact-match rate of what it wrote (72 validation
+      # passages), recomputed here from its predictions and targets files.
+      eval_dir = os.path.join(model_dir, "validation_eval")
+      with open(os.path.join(eval_dir, f"{task}_{final}_predictions")) as f:
+        predictions = f.read().splitlines()
+      with open(os.path.join(eval_dir, f"{task}_targets")) as f:
+        targets = f.read().splitlines()
+      self.assertLen(targets, 72)
+      self.assertLen(predictions, 72)
+      exact = 100.0 * np.mean([p == t for p, t in zip(predictions, targets)])
+      self.assertAlmostEqual(decoded["accuracy"], exact, places=3)
+      self.assertIn(f"| {model} |", report.split("## Fine-tuning and decoding")[1])
+
   def test_rerun_skips_finished_work(self):
-    proc = run_demo(self.out)
+    proc = run_demo(self.out, finetune=True)
     self.assertEqual(proc.returncode, 0, _log(proc))
     self.assertIn("[st_moe_tiny] already trained", proc.stdout)
     self.assertIn("[dense_tiny] already trained", proc.stdout)

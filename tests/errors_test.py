@@ -9,6 +9,7 @@ sizes are worked out by hand in the comments. The end-to-end cases run the real 
 (`t5_mesh_transformer`, four processes started together in setUpClass); this machine has no
 network, so T5's gs:// vocabulary is unreachable, as for an offline user.
 """
+import glob
 import os
 import re
 import shutil
@@ -68,6 +69,34 @@ def truncate(path, size):
     data = f.read()
   with open(path, "wb") as f:
     f.write(data[:size])
+
+
+class JobsFallBackTest(absltest.TestCase):
+
+  def test_training_resumes_from_the_last_readable_checkpoint_with_a_warning(self):
+    from unittest import mock  # pylint: disable=g-import-not-at-top
+    from st_moe.experiments import jobs  # pylint: disable=g-import-not-at-top
+    from st_moe.experiments import runner  # pylint: disable=g-import-not-at-top
+    model_dir = tempfile.mkdtemp(prefix="jobs_fall_back_")
+    prefixes = write_checkpoints(model_dir, steps=3)
+    data = [p for p in glob.glob(prefixes[2] + ".data-*")]
+    for path in data:
+      truncate(path, 4)  # step 3 killed while writing
+    job = jobs.Job(name="j", model_dir=model_dir, gin_files=["st_moe_tiny.gin", "cpu.gin"],
+                   gin_params=[], task="some_task", shape=jobs.Shape(4, 32, 8))
+    lines = []
+    def no_run(*args, **kwargs):
+      raise AssertionError("runner.run called")
+    with mock.patch.object(runner, "run", no_run):
+      summary = jobs.train(job, 2, 1, show=lines.append)
+    warnings = [line for line in lines if "WARNING" in line]
+    self.assertLen(warnings, 1, lines)
+    self.assertIn("from its checkpoint of step 2", warnings[0])
+    self.assertTrue(os.path.exists(data[0] + ".unreadable"))
+    # Step 2 is the latest again (Saver's own restore of it gives a = 1 + 2).
+    self.assertEqual(tf.train.latest_checkpoint(model_dir), prefixes[1])
+    np.testing.assert_array_equal(restore(prefixes[1]), np.full([3, 5], 3.0))
+    self.assertEqual(summary["status"], "done")
 
 
 class CheckpointsTest(absltest.TestCase):

@@ -93,7 +93,7 @@ class RegistryTest(absltest.TestCase):
     names = families.add_tasks(byte_vocab, suffix="_registry_test")
     mixes = families.add_mixtures("_registry_test")
     try:
-      self.assertLen(names, len(DOWNSTREAM + PRETRAINING))
+      self.assertLen(names, len(DOWNSTREAM + PRETRAINING + EMBEDDED_DOWNSTREAM))
       for name in names:
         task = seqio.get_mixture_or_task(name)
         self.assertIs(task.output_features["targets"].vocabulary, byte_vocab)

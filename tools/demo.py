@@ -31,6 +31,18 @@ flags.DEFINE_float("capacity_factor_eval", _DEFAULT.capacity_factor_eval,
                    "Evaluation capacity factor of the sparse layers (evaluation and trace).")
 flags.DEFINE_string("task", _DEFAULT.task, "SeqIO task to train and evaluate on.")
 flags.DEFINE_list("models", list(_DEFAULT.models), "Model gin files (without .gin).")
+flags.DEFINE_string("finetune_task", _DEFAULT.finetune_task,
+                    "Downstream task each pretrained model is fine-tuned on and evaluated on by "
+                    "decoding; '' skips fine-tuning.")
+flags.DEFINE_integer("finetune_steps", _DEFAULT.finetune_steps, "Fine-tuning steps per model.")
+flags.DEFINE_integer("finetune_batch_size", _DEFAULT.finetune_shape.batch_size,
+                     "Sequences per fine-tuning batch.")
+flags.DEFINE_integer("finetune_inputs_length", _DEFAULT.finetune_shape.inputs_length,
+                     "Encoder length in fine-tuning.")
+flags.DEFINE_integer("finetune_targets_length", _DEFAULT.finetune_shape.targets_length,
+                     "Decoder length in fine-tuning (and the decoding length).")
+flags.DEFINE_float("finetune_learning_rate", _DEFAULT.finetune_learning_rate,
+                   "Constant fine-tuning learning rate.")
 if "gin_param" not in FLAGS:
   flags.DEFINE_multi_string("gin_param", [], "A gin binding for every run (repeatable), e.g. "
                             "--gin_param='num_experts = 8'.")
@@ -44,7 +56,11 @@ def main(argv):
       shape=jobs.Shape(FLAGS.batch_size, FLAGS.inputs_length, FLAGS.targets_length),
       eval_steps=FLAGS.eval_steps, trace_tokens=FLAGS.trace_tokens,
       checkpoint_every=FLAGS.checkpoint_every, capacity_factor_eval=FLAGS.capacity_factor_eval,
-      task=FLAGS.task, models=tuple(FLAGS.models), gin_params=tuple(FLAGS.gin_param or ()))
+      task=FLAGS.task, models=tuple(FLAGS.models), gin_params=tuple(FLAGS.gin_param or ()),
+      finetune_task=FLAGS.finetune_task, finetune_steps=FLAGS.finetune_steps,
+      finetune_shape=jobs.Shape(FLAGS.finetune_batch_size, FLAGS.finetune_inputs_length,
+                                FLAGS.finetune_targets_length),
+      finetune_learning_rate=FLAGS.finetune_learning_rate)
   try:
     config.validate()
   except ValueError as e:

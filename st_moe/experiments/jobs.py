@@ -215,6 +215,21 @@ def _guard_stop(log_path, step):
   return None
 
 
+def _fall_back_to_readable(job: Job, show):
+  """Resumes from the newest readable checkpoint: an unreadable latest one (a partial write, e.g.
+  killed while saving) is set aside with a warning (st_moe.experiments.checkpoints.fall_back)."""
+  if not exists(job.path("checkpoint")):
+    return
+  from st_moe.experiments import checkpoints  # pylint: disable=g-import-not-at-top
+  try:
+    warning = checkpoints.fall_back(job.model_dir)
+  except checkpoints.UnreadableCheckpointError as e:  # nothing readable: t5_mesh_transformer's
+    show(f"[{job.name}] WARNING: {e}")  # pre-flight check (st_moe.guard) names it and stops
+    return
+  if warning:
+    show(f"[{job.name}] WARNING: {warning}")
+
+
 def train(job: Job, steps: int, checkpoint_every: int, *, show=print, every=None,
           monitor_factory: Callable[[], divergence.DivergenceMonitor] = divergence.DivergenceMonitor,
           init_checkpoint: Optional[str] = None, label: Optional[str] = None) -> Dict:
@@ -253,6 +268,7 @@ def train(job: Job, steps: int, checkpoint_every: int, *, show=print, every=None
   if init_checkpoint:
     params.append(f"utils.run.init_checkpoint = '{init_checkpoint}'")
   summary = {"train_steps": steps, "gin_files": job.run_files()}
+  _fall_back_to_readable(job, show)
   start = runner.latest_checkpoint_step(job.model_dir) or 0
   # The curve so far primes the monitor, so that a resumed run is judged on its whole history.
   monitor = monitor_factory()
