@@ -19,17 +19,18 @@ import glob
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 
 from absl.testing import absltest
+
+import entry_point
 import numpy as np
 import tensorflow as tf
 
 import testing_tasks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENTRY_POINT = os.path.join(os.path.dirname(sys.executable), "t5_mesh_transformer")
+ENTRY_POINT = entry_point.ENTRY_POINT
 TIMEOUT = 1800  # per process; a loaded 2-core machine needs it
 PRETRAIN_STEPS, FINETUNE_STEPS = 2, 3
 FILTERS = {"none": "None", "freeze_moe": "%FREEZE_MOE", "only_moe": "%ONLY_MOE"}
@@ -41,12 +42,7 @@ def _params(*params):
   return [f"--gin_param={p}" for p in params]
 
 
-def _env():
-  env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join(
-      [os.path.join(REPO, "tests")] + [p for p in [env.get("PYTHONPATH")] if p])
-  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-  return env
+_env = entry_point.env
 
 
 def _start(args, cwd, name):

@@ -16,10 +16,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 
 from absl.testing import absltest
+
+import entry_point
 from absl.testing import parameterized
 import mesh_tensorflow as mtf
 from mesh_tensorflow import optimize
@@ -184,27 +185,11 @@ class GuardedOptimizerTest(parameterized.TestCase):
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENTRY_POINT = os.path.join(os.path.dirname(sys.executable), "t5_mesh_transformer")
+ENTRY_POINT = entry_point.ENTRY_POINT
 
 
-def entry_point_command(model_dir, *gin_params):
-  """t5_mesh_transformer on st_moe_tiny + cpu + pretrain_c4 and the tests' byte task."""
-  return [ENTRY_POINT, "--module_import=testing_tasks", f"--model_dir={model_dir}",
-          "--gin_file=st_moe_tiny.gin", "--gin_file=cpu.gin", "--gin_file=pretrain_c4.gin",
-          "--gin_param=MIXTURE_NAME = 'st_moe_test_bytes_span_corruption'",
-          "--gin_param=utils.run.sequence_length = {'inputs': 64, 'targets': 16}",
-          "--gin_param=utils.run.batch_size = ('sequences_per_batch', 4)",
-          "--gin_param=utils.run.save_checkpoints_steps = 2",
-          "--gin_param=utils.run.iterations_per_loop = 2",
-          *[f"--gin_param={p}" for p in gin_params]]
-
-
-def entry_point_env():
-  env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join(
-      [os.path.join(REPO, "tests")] + [p for p in [env.get("PYTHONPATH")] if p])
-  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-  return env
+entry_point_command = entry_point.tiny_command
+entry_point_env = entry_point.env
 
 
 class GuardEntryPointTest(absltest.TestCase):

@@ -12,34 +12,19 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 
 from absl.testing import absltest
 
+import entry_point
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENTRY_POINT = os.path.join(os.path.dirname(sys.executable), "t5_mesh_transformer")
+ENTRY_POINT = entry_point.ENTRY_POINT
 TIMEOUT = 400
 
 
-def _command(model_dir, *gin_params, module_imports=("testing_tasks",)):
-  return [ENTRY_POINT, *[f"--module_import={m}" for m in module_imports],
-          f"--model_dir={model_dir}",
-          "--gin_file=st_moe_tiny.gin", "--gin_file=cpu.gin", "--gin_file=pretrain_c4.gin",
-          "--gin_param=MIXTURE_NAME = 'st_moe_test_bytes_span_corruption'",
-          "--gin_param=utils.run.sequence_length = {'inputs': 64, 'targets': 16}",
-          "--gin_param=utils.run.batch_size = ('sequences_per_batch', 4)",
-          "--gin_param=utils.run.save_checkpoints_steps = 2",
-          "--gin_param=utils.run.iterations_per_loop = 2",
-          *[f"--gin_param={p}" for p in gin_params]]
-
-
-def _env():
-  env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join(
-      [os.path.join(REPO, "tests")] + [p for p in [env.get("PYTHONPATH")] if p])  # the task only
-  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-  return env
+_command = entry_point.tiny_command
+_env = entry_point.env
 
 
 def _steps(log):

@@ -24,6 +24,8 @@ import sys
 import tempfile
 
 from absl.testing import absltest
+
+import entry_point
 import mesh_tensorflow as mtf
 from mesh_tensorflow import optimize
 from mesh_tensorflow.transformer import utils as mtf_utils
@@ -46,12 +48,7 @@ NOTHING_DROPPED = ["st_moe.SparseFFN.renormalize_gates = True",
                    "st_moe.SparseFFN.second_policy_eval = 'all'", "capacity_factor_eval = 4.0"]
 
 
-def _env():
-  env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join(
-      [os.path.join(REPO, "tests")] + [p for p in [env.get("PYTHONPATH")] if p])
-  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-  return env
+_env = entry_point.env
 
 
 def _t5_command(model_dir, model_gin, run_gin, *gin_params):

@@ -1,0 +1,31 @@
+"""The real `t5_mesh_transformer` console script for tests: its path, its environment, and the tiny
+training command most end-to-end tests start from (st_moe_tiny + cpu.gin + pretrain_c4.gin on the
+byte-vocabulary task of tests/testing_tasks.py, checkpoints every 2 steps)."""
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENTRY_POINT = os.path.join(os.path.dirname(sys.executable), "t5_mesh_transformer")
+
+
+def env():
+  """The environment of a child run: tests/ on PYTHONPATH (for testing_tasks only; the project
+  itself comes from the installed package), TensorFlow's C++ logging quieter."""
+  child = dict(os.environ)
+  child["PYTHONPATH"] = os.pathsep.join(
+      [os.path.join(REPO, "tests")] + [p for p in [child.get("PYTHONPATH")] if p])
+  child["TF_CPP_MIN_LOG_LEVEL"] = "2"
+  return child
+
+
+def tiny_command(model_dir, *gin_params, module_imports=("testing_tasks",)):
+  """t5_mesh_transformer on st_moe_tiny + cpu + pretrain_c4 and the tests' byte task."""
+  return [ENTRY_POINT, *[f"--module_import={m}" for m in module_imports],
+          f"--model_dir={model_dir}",
+          "--gin_file=st_moe_tiny.gin", "--gin_file=cpu.gin", "--gin_file=pretrain_c4.gin",
+          "--gin_param=MIXTURE_NAME = 'st_moe_test_bytes_span_corruption'",
+          "--gin_param=utils.run.sequence_length = {'inputs': 64, 'targets': 16}",
+          "--gin_param=utils.run.batch_size = ('sequences_per_batch', 4)",
+          "--gin_param=utils.run.save_checkpoints_steps = 2",
+          "--gin_param=utils.run.iterations_per_loop = 2",
+          *[f"--gin_param={p}" for p in gin_params]]
