@@ -1,18 +1,17 @@
-"""End-to-end: a short `make demo` (tools/demo.py), killed and resumed, and one that diverges.
+"""End-to-end: a short `make demo` (tools/demo.py): pretraining, evaluation, routing trace,
+fine-tuning and decoding, report; and its rerun. (Killed-and-resumed and diverged demos:
+tests/demo_resume_test.py, so the two files run side by side.)
 
 One demo run (4 steps of st_moe_tiny and dense_tiny through t5_mesh_transformer, checkpoints every
-2 steps, evaluation, routing trace, report) is shared by the tests of DemoTest, and is the
-uninterrupted run the killed-and-resumed one is compared with.
+2 steps, evaluation, routing trace, 2 fine-tuning steps each, decoding, report) is shared by the
+tests of DemoTest.
 """
 import json
 import math
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 from absl.testing import absltest
 import numpy as np
@@ -186,60 +185,6 @@ class DemoTest(absltest.TestCase):
     self.assertGreaterEqual(enc, TRACE_TOKENS)
     self.assertLess(enc, TRACE_TOKENS + TRACE_BATCH * LENGTHS["inputs"])
     self.assertGreater(dec, 0)
-
-  def test_killed_demo_resumes_to_the_uninterrupted_curve(self):
-    out = os.path.join(self.tmp.name, "killed")
-    os.makedirs(out)
-    # The count's cache is keyed by its settings, the same here: the rerun reuses it.
-    shutil.copy(os.path.join(self.out, "st_moe_tiny.count.json"), out)
-    model_dir = os.path.join(out, "st_moe_tiny")
-    with open(os.path.join(self.tmp.name, "killed.log"), "w") as log:
-      proc = subprocess.Popen(demo_cmd(out, models=("st_moe_tiny",)), stdout=log,
-                              stderr=subprocess.STDOUT)
-      deadline = time.monotonic() + 1200
-      while (not os.path.exists(os.path.join(model_dir, f"model.ckpt-{EVERY}.index"))
-             and proc.poll() is None and time.monotonic() < deadline):
-        time.sleep(0.2)
-      self.assertIsNone(proc.poll(), "the demo ended before its first checkpoint")
-      os.kill(proc.pid, signal.SIGTERM)
-      proc.wait(timeout=120)
-    time.sleep(3)
-    survivors = processes_naming(f"--model_dir={model_dir}")
-    for pid in survivors:  # leave nothing running, whatever the outcome
-      os.kill(pid, signal.SIGKILL)
-    self.assertEqual(survivors, [], "t5_mesh_transformer outlived the demo killed by its PID")
-    rerun = run_demo(out, models=("st_moe_tiny",))
-    self.assertEqual(rerun.returncode, 0, _log(rerun))
-    self.assertIn(f"[st_moe_tiny] training steps {EVERY + 1}..{STEPS} (resuming from its "
-                  "checkpoint)", rerun.stdout)
-    steps, losses = runner.steps_and_losses(model_dir)
-    whole_steps, whole_losses = runner.steps_and_losses(os.path.join(self.out, "st_moe_tiny"))
-    self.assertEqual(steps, whole_steps)
-    self.assertEqual(len(losses), len(whole_losses))
-    with open(os.path.join(model_dir, "eval.json")) as f:
-      self.assertEqual(json.load(f)["step"], STEPS)
-
-
-class DivergedDemoTest(absltest.TestCase):
-
-  def test_diverged_model_fails_the_demo_and_is_not_evaluated(self):
-    with tempfile.TemporaryDirectory() as out:
-      proc = run_demo(out, models=("st_moe_tiny",), gin_params=DIVERGING)
-      self.assertEqual(proc.returncode, 1, _log(proc))
-      last = proc.stdout.strip().splitlines()[-1]
-      self.assertRegex(last, r"(?i)^demo FAILED: st_moe_tiny diverged at step \d+: .*(nan|inf)")
-      model_dir = os.path.join(out, "st_moe_tiny")
-      self.assertFalse(os.path.exists(os.path.join(model_dir, "eval.json")))
-      self.assertFalse(os.path.exists(os.path.join(out, "routing", "routing.json")))
-      with open(os.path.join(out, "report.md")) as f:
-        report = f.read()
-      self.assertRegex(report, r"\| st_moe_tiny \|.*\| diverged \|")
-      # The rerun keeps it as diverged, trains nothing, and fails again.
-      again = run_demo(out, models=("st_moe_tiny",), gin_params=DIVERGING)
-      self.assertEqual(again.returncode, 1, _log(again))
-      self.assertIn("[st_moe_tiny] already diverged", again.stdout)
-      self.assertNotIn("training steps", again.stdout)
-      self.assertEqual(again.stdout.strip().splitlines()[-1], last)
 
 
 if __name__ == "__main__":
