@@ -147,9 +147,9 @@ class DemoTest(absltest.TestCase):
       # passages), recomputed here from its predictions and targets files.
       eval_dir = os.path.join(model_dir, "validation_eval")
       with open(os.path.join(eval_dir, f"{task}_{final}_predictions")) as f:
-        predictions = f.read().splitlines()
+        predictions = f.read().split("\n")[:-1]  # not splitlines(): see finetune_test
       with open(os.path.join(eval_dir, f"{task}_targets")) as f:
-        targets = f.read().splitlines()
+        targets = f.read().split("\n")[:-1]
       self.assertLen(targets, 72)
       self.assertLen(predictions, 72)
       exact = 100.0 * np.mean([p == t for p, t in zip(predictions, targets)])
