@@ -15,7 +15,9 @@ importing this module registers, once per process:
   * TF1 resource variables (`use_resource_variables`);
   * loss and router summaries in the event files on the CPU as on a TPU (`st_moe.summaries`: wraps
     mesh_tensorflow's `tpu_estimator_model_fn`; `st_moe.event_summaries.enabled=False` turns it
-    off).
+    off);
+  * whether a run writes its graph (`st_moe.graph_files`: graph.pbtxt, a .meta per checkpoint, the
+    graph in the event files; `gin/layouts/cpu.gin` sets `st_moe.graph_files.write = False`).
 
 Nothing else in the package has a process-wide side effect: importing a model module
 (`st_moe.routing`, `st_moe.layers`) registers its gin configurables and nothing more.
@@ -30,6 +32,7 @@ gin_paths.register()
 # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
 import tensorflow.compat.v1 as tf
 
+from st_moe import graph_files
 from st_moe import guard
 from st_moe import layers
 from st_moe import norms
@@ -64,3 +67,4 @@ def use_resource_variables():
 use_resource_variables()
 guard.install_preflight()
 summaries.install()
+graph_files.install()
