@@ -33,6 +33,8 @@ from typing import Optional
 import seqio
 import tensorflow as tf
 
+from st_moe.tasks import vocab
+
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 CORPUS_PATH = os.path.join(DATA_DIR, "docs_corpus.jsonl.xz")
 # SHA-256 of the decompressed docs_corpus.jsonl (what build_corpus writes, before compression).
@@ -134,25 +136,11 @@ def vocabulary_training_lines(path: str = CORPUS_PATH) -> list[str]:
   return lines
 
 
-_TRAIN_SCRIPT = """
-import sys
-import sentencepiece as spm
-corpus, prefix, vocab_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
-spm.SentencePieceTrainer.train(
-    input=corpus, model_prefix=prefix, model_type="unigram", vocab_size=vocab_size,
-    character_coverage=0.9999, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1,
-    shuffle_input_sentence=False, input_sentence_size=0, minloglevel=2)
-"""
-
-
 def build_docs_model(output_path: str = MODEL_PATH, vocab_size: int = VOCAB_SIZE,
                      corpus_path: str = CORPUS_PATH) -> str:
-  """Trains the docs vocabulary on `vocabulary_training_lines()`; byte-identical on every run.
-
-  One thread, lines in corpus order, no sampling inside SentencePiece. The trainer runs in a
-  fresh Python process that imports only `sentencepiece` (in a process that has loaded TensorFlow,
-  SentencePiece's trainer can crash on protobuf/abseil symbol clashes), in a temporary folder
-  with relative paths (the model records its trainer's input and prefix names).
+  """Trains the docs vocabulary on `vocabulary_training_lines()` (character coverage 0.9999: the
+  corpus has rare symbols no piece needs); byte-identical on every run
+  (`vocab.train_sentencepiece`).
 
   Args:
     output_path: where to write the `.model` file (local or gs://).
@@ -162,21 +150,8 @@ def build_docs_model(output_path: str = MODEL_PATH, vocab_size: int = VOCAB_SIZE
   Returns:
     output_path.
   """
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  import tempfile  # pylint: disable=g-import-not-at-top
-
-  lines = vocabulary_training_lines(corpus_path)
-  with tempfile.TemporaryDirectory() as tmp:
-    with open(os.path.join(tmp, "corpus.txt"), "w", encoding="utf-8") as f:
-      f.write("\n".join(lines) + "\n")
-    subprocess.run([sys.executable, "-c", _TRAIN_SCRIPT, "corpus.txt", "spm", str(vocab_size)],
-                   check=True, capture_output=True, cwd=tmp)
-    with open(os.path.join(tmp, "spm.model"), "rb") as f:
-      model = f.read()
-  with tf.io.gfile.GFile(output_path, "wb") as f:
-    f.write(model)
-  return output_path
+  return vocab.train_sentencepiece(vocabulary_training_lines(corpus_path), output_path,
+                                   vocab_size, character_coverage=0.9999)
 
 
 @functools.lru_cache(maxsize=None)

@@ -130,42 +130,52 @@ def embedded_vocabulary(extra_ids: int = EXTRA_IDS) -> seqio.SentencePieceVocabu
 _TRAIN_SCRIPT = """
 import sys
 import sentencepiece as spm
-corpus, prefix, vocab_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+corpus, prefix, vocab_size, coverage = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 spm.SentencePieceTrainer.train(
     input=corpus, model_prefix=prefix, model_type="unigram", vocab_size=vocab_size,
-    character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1,
+    character_coverage=coverage, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1,
     shuffle_input_sentence=False, input_sentence_size=0, minloglevel=2)
 """
 
 
-def build_embedded_model(output_path: str = EMBEDDED_MODEL_PATH,
-                         vocab_size: int = EMBEDDED_VOCAB_SIZE) -> str:
-  """Trains the embedded SentencePiece model on the train split of the embedded corpus.
+def train_sentencepiece(lines, output_path: str, vocab_size: int,
+                        character_coverage: float = 1.0) -> str:
+  """Trains a SentencePiece unigram model on `lines`, byte-identically on every run.
 
-  Deterministic (one thread, lines in corpus order, no sampling). The trainer runs in a fresh
-  Python process that imports only `sentencepiece`: in a process that has loaded TensorFlow and
-  t5, SentencePiece's trainer can crash (protobuf/abseil symbol clashes).
+  T5's id layout (pad 0, eos 1, unk 2, no bos). Deterministic: one thread, lines in the given
+  order, no sampling inside SentencePiece. The trainer runs in a fresh Python process that imports
+  only `sentencepiece` (in a process that has loaded TensorFlow and t5, SentencePiece's trainer can
+  crash on protobuf/abseil symbol clashes), in a temporary folder with relative paths (the model
+  records its trainer's input and prefix names, which must not vary).
 
   Args:
-    output_path: where to write the `.model` file.
+    lines: the training text, one sentence or paragraph per item (empty ones are dropped).
+    output_path: where to write the `.model` file (local or gs://).
     vocab_size: number of pieces, including pad/eos/unk.
+    character_coverage: SentencePiece's share of characters the pieces must cover.
 
   Returns:
     output_path.
   """
-  import shutil  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
 
-  lines = [line.strip() for doc in embedded_texts("train") for line in doc.split("\n")]
   with tempfile.TemporaryDirectory() as tmp:
-    corpus = os.path.join(tmp, "corpus.txt")
-    with open(corpus, "w", encoding="utf-8") as f:
+    with open(os.path.join(tmp, "corpus.txt"), "w", encoding="utf-8") as f:
       f.write("\n".join(line for line in lines if line) + "\n")
-    prefix = os.path.join(tmp, "spm")
-    # Relative paths: the model records its trainer's input and prefix, which must not vary.
-    subprocess.run([sys.executable, "-c", _TRAIN_SCRIPT, "corpus.txt", "spm", str(vocab_size)],
-                   check=True, capture_output=True, cwd=tmp)
-    shutil.copyfile(prefix + ".model", output_path)
+    subprocess.run([sys.executable, "-c", _TRAIN_SCRIPT, "corpus.txt", "spm", str(vocab_size),
+                    repr(character_coverage)], check=True, capture_output=True, cwd=tmp)
+    with open(os.path.join(tmp, "spm.model"), "rb") as f:
+      model = f.read()
+  with tf.io.gfile.GFile(output_path, "wb") as f:
+    f.write(model)
   return output_path
+
+
+def build_embedded_model(output_path: str = EMBEDDED_MODEL_PATH,
+                         vocab_size: int = EMBEDDED_VOCAB_SIZE) -> str:
+  """Trains the embedded SentencePiece model on the train split of the embedded corpus (every
+  character covered); byte-identical on every run (`train_sentencepiece`). Returns output_path."""
+  lines = [line.strip() for doc in embedded_texts("train") for line in doc.split("\n")]
+  return train_sentencepiece(lines, output_path, vocab_size, character_coverage=1.0)

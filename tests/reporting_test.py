@@ -43,8 +43,8 @@ class ReportingTest(absltest.TestCase):
 
   def test_pngs_are_written(self):
     with tempfile.TemporaryDirectory() as d:
-      curve = reporting.plot_curves({"a": ([0, 1, 2], [3.0, 2.0, float("nan")])},
-                                    os.path.join(d, "sub", "c.png"), "t")
+      curve = reporting.plot_loss_curves({"a": ([0, 1, 2], [3.0, 2.0, float("nan")])},
+                                         os.path.join(d, "sub", "c.png"), "t")
       heat = reporting.plot_heatmap(np.eye(3), ["e0", "e1", "e2"], ["x", "y", "z"],
                                     os.path.join(d, "h.png"), "t")
       panels = reporting.plot_panels(

@@ -10,7 +10,7 @@ Plots (each returns the path it wrote):
   plot_routing_heatmap  each expert's tokens by class, with the base-rate row
   plot_capacity_grid mean (+- std over seeds) per (train, eval) capacity factor, on a colour scale
                      no narrower than the seed noise
-  plot_curves, plot_panels, plot_heatmap  general line plots and heat maps
+  plot_panels, plot_heatmap   general line plots and heat maps
 """
 import glob
 import io
@@ -102,29 +102,6 @@ def smooth(values, window):
   n = counts - lagged_counts
   with np.errstate(invalid="ignore", divide="ignore"):
     return np.where(n > 0, (sums - lagged_sums) / np.maximum(n, 1), np.nan)
-
-
-def plot_curves(curves, path, title, ylabel="loss", xlabel="step", logy=False):
-  """Line plot of several curves, saved as PNG.
-
-  Args:
-    curves: {label: (steps, values)}; values may contain NaN (drawn as gaps).
-    path: output file (.png); its folder is created.
-  """
-  plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-  for label, (steps, values) in curves.items():
-    ax.plot(np.asarray(steps), np.asarray(values, dtype=np.float64), label=label, linewidth=1.4)
-  ax.set_title(title)
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel(ylabel)
-  if logy:
-    ax.set_yscale("log")
-  ax.grid(alpha=0.3)
-  if curves:
-    ax.legend(fontsize=8)
-  fig.tight_layout()
-  return _save(fig, path)
 
 
 def plot_panels(panels, path, title, ylabel="loss", xlabel="step", ylim=None, columns=4,
