@@ -29,6 +29,7 @@ it, and `st_moe.event_summaries` (gin) turns each part off:
 
   --gin_param=st_moe.event_summaries.enabled=False
 """
+import contextlib
 import functools
 
 import gin
@@ -69,12 +70,66 @@ def is_remote(path):
   return "://" in str(path)
 
 
+def in_control_flow(tensor):
+  """Whether `tensor` is computed inside a tf.while_loop or tf.cond: mesh_tensorflow's microbatch
+  loop (`utils.serialize_num_microbatches` splits a batch of more tokens per replica than its
+  `tokens_per_microbatch_per_replica`, 2048 by default) lowers the model inside one, and such a
+  tensor cannot be read outside it."""
+  return tensor.op._get_control_flow_context() is not None  # pylint: disable=protected-access
+
+
+_warned_graphs = set()
+
+
+def _warn_dropped(names):
+  graph = tf.get_default_graph()
+  if names and id(graph) not in _warned_graphs:
+    _warned_graphs.add(id(graph))
+    tf.logging.warning(
+        "st_moe.summaries: %d router scalars (e.g. %s) are computed inside mesh_tensorflow's "
+        "microbatch loop and are not written (the loss is). The batch is split because it has "
+        "more tokens per replica than utils.serialize_num_microbatches."
+        "tokens_per_microbatch_per_replica; set that to None (or above the batch's tokens per "
+        "replica) to get them.", len(names), names[0])
+
+
 def collected_scalars():
-  """[(tag, <float32>[] tf.Tensor)] lowered by `mtf.scalar_summary` in the default graph."""
-  found = []
+  """[(tag, <float32>[] tf.Tensor)] lowered by `mtf.scalar_summary` in the default graph, except
+  those inside a loop (`in_control_flow`, logged once per graph)."""
+  found, dropped = [], []
   for name, tensor in tf.get_collection(mtf.utils.SCALAR_SUMMARIES_COLLECTION_KEY):
-    found.append((name, tf.cast(tensor, tf.float32)))
+    if in_control_flow(tensor):
+      dropped.append(name)
+    else:
+      found.append((name, tf.cast(tensor, tf.float32)))
+  _warn_dropped(dropped)
   return found
+
+
+def drop_loop_scalars():
+  """Removes the collected scalars inside a loop from the graph collection (mtf's TPU host call
+  reads it and would fail on them); returns their names."""
+  collection = tf.get_collection_ref(mtf.utils.SCALAR_SUMMARIES_COLLECTION_KEY)
+  dropped = [name for name, tensor in collection if in_control_flow(tensor)]
+  collection[:] = [(n, t) for n, t in collection if not in_control_flow(t)]
+  _warn_dropped(dropped)
+  return dropped
+
+
+@contextlib.contextmanager
+def _host_call_without_loop_scalars():
+  """mesh_tensorflow's TPU host call, built from the collection less its in-loop scalars."""
+  original = mtf.utils.create_host_call
+
+  def create_host_call(model_dir):
+    drop_loop_scalars()
+    return original(model_dir)
+
+  mtf.utils.create_host_call = create_host_call
+  try:
+    yield
+  finally:
+    mtf.utils.create_host_call = original
 
 
 class _WriterHook(tf.train.SessionRunHook):
@@ -172,7 +227,11 @@ def wrap_model_fn(model_fn, model_dir, use_tpu, options):
 
   @functools.wraps(model_fn)
   def st_moe_model_fn(features, labels, mode, params=None, config=None):
-    spec = model_fn(features, labels, mode, params=params, config=config)
+    if use_tpu and options["tpu_host_call"]:
+      with _host_call_without_loop_scalars():
+        spec = model_fn(features, labels, mode, params=params, config=config)
+    else:
+      spec = model_fn(features, labels, mode, params=params, config=config)
     if mode == tf.estimator.ModeKeys.TRAIN and not use_tpu and options["train"]:
       spec = add_train_writes(spec, model_dir, options["flush_secs"])
     elif mode == tf.estimator.ModeKeys.EVAL and options["evaluation"]:

@@ -17,6 +17,7 @@ from st_moe.experiments import jobs
 from st_moe.experiments import runner
 from st_moe.experiments import tables
 from st_moe.experiments.tables import common
+from st_moe.experiments.tables import sparse_vs_dense
 from st_moe.experiments.tables import stability
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,6 +51,8 @@ class TablesTest(absltest.TestCase):
     cls.capacity_lines, cls.entropy_lines = [], []
     cls.capacity_md = tables.run_table("capacity", config, show=cls.capacity_lines.append)
     cls.entropy_md = tables.run_table("entropy", config, show=cls.entropy_lines.append)
+    cls.svd_lines = []
+    cls.svd_md = tables.run_table("sparse_vs_dense", config, show=cls.svd_lines.append)
 
   def _csv(self, table):
     with open(os.path.join(self.out, table, f"{table}.csv")) as f:
@@ -119,6 +122,27 @@ class TablesTest(absltest.TestCase):
     self.assertEqual(cells[("1.25", "2.0")]["step time ST-MoE-L (paper, s)"], "2.397")
     self._check_md_png("capacity", "capacity.png")
 
+  def test_sparse_vs_dense_table_trains_only_the_dense_twin_anew(self):
+    # The sparse run is the capacity table's (same settings); only dense_seed0 trains here.
+    self.assertEqual([l.split("]")[0] for l in self.svd_lines if "training steps" in l],
+                     ["[dense_seed0"])
+    rows = self._csv("sparse_vs_dense")
+    self.assertEqual(rows[0], sparse_vs_dense.HEADERS)
+    cells = {r[0]: dict(zip(rows[0], r)) for r in rows[1:]}
+    self.assertEqual(sorted(cells), ["dense", "sparse"])
+    self.assertEqual(cells["sparse"]["gin file"], "`st_moe_tiny.gin`")
+    self.assertEqual(cells["dense"]["gin file"], "`dense_tiny.gin`")
+    for model, row in cells.items():
+      self.assertTrue(-20.0 < float(row["validation NLP (ours)"]) < 0.0, row)
+      self.assertEqual(row["stable runs"], "1/1")
+      self.assertEqual(float(row["NLP (paper, L scale)"]), sparse_vs_dense.PAPER[model])
+    capacity_quality = float(dict(zip(*self._csv("capacity")[:2]))["quality"])
+    self.assertAlmostEqual(float(cells["sparse"]["validation NLP (ours)"]), capacity_quality, 3)
+    with open(self.svd_md) as f:
+      self.assertIn("spread unknown (one seed per model)", f.read())
+    commands = self._check_md_png("sparse_vs_dense", "sparse_vs_dense.png")
+    self.assertIn("--gin_file=dense_tiny.gin", commands)
+
   def test_entropy_table_reuses_capacity_run_and_trace(self):
     self.assertLen([l for l in self.capacity_lines if "training steps" in l], 1)
     self.assertLen([l for l in self.capacity_lines if "tracing routing" in l], 1)
@@ -182,6 +206,23 @@ class SettingsTest(absltest.TestCase):
       z = [b for b in bindings if b.startswith("router_z_loss_coef")]
       self.assertEqual(z, ["router_z_loss_coef = 0.001" if name == "router_z_loss"
                            else "router_z_loss_coef = 0.0"])
+
+
+class SparseVsDenseArithmeticTest(absltest.TestCase):
+
+  def test_pooled_std_by_hand(self):
+    # Means 2 and 4; squares about them (1 + 1) + (4 + 0 + 4) = 10 over 1 + 2 = 3 dof.
+    self.assertAlmostEqual(sparse_vs_dense.pooled_std([[1.0, 3.0], [2.0, 4.0, 6.0]]),
+                           (10 / 3) ** 0.5)
+    self.assertAlmostEqual(sparse_vs_dense.pooled_std([[1.0, 3.0, None], [5.0]]), 2 ** 0.5)
+    self.assertIsNone(sparse_vs_dense.pooled_std([[1.0], [2.0]]))
+
+  def test_verdict_against_three_spreads(self):
+    self.assertIn("beyond 3 standard deviations", sparse_vs_dense.verdict(0.10, 0.02))
+    self.assertIn("5.0 x the seed spread", sparse_vs_dense.verdict(0.10, 0.02))
+    self.assertIn("under 3 standard deviations", sparse_vs_dense.verdict(0.05, 0.02))
+    self.assertIn("NOT better", sparse_vs_dense.verdict(-0.01, 0.02))
+    self.assertIn("spread unknown", sparse_vs_dense.verdict(0.1, None))
 
 
 class SameSeedSameRunTest(absltest.TestCase):

@@ -20,6 +20,36 @@ setUpModule = graph_mode.enter
 tearDownModule = graph_mode.leave
 
 
+class LoopScalarsTest(absltest.TestCase):
+  """Scalars lowered inside mtf's microbatch loop (a tf.while_loop) cannot be read outside it:
+  they are left out, and the rest still written."""
+
+  def _graph_with_a_loop_scalar(self):
+    key = mtf.utils.SCALAR_SUMMARIES_COLLECTION_KEY
+    outside = tf.constant(1.0)
+    tf.add_to_collection(key, ("outside/router/z_loss", outside))
+
+    def body(i, x):
+      tf.add_to_collection(key, ("inside/router/z_loss", x * 2.0))
+      return i + 1, x * 2.0
+
+    tf.while_loop(lambda i, x: i < 2, body, [tf.constant(0), tf.constant(1.0)])
+    return key
+
+  def test_collected_scalars_leave_out_those_inside_a_loop(self):
+    with tf.Graph().as_default():
+      self._graph_with_a_loop_scalar()
+      self.assertEqual([name for name, _ in summaries.collected_scalars()],
+                       ["outside/router/z_loss"])
+
+  def test_drop_loop_scalars_empties_them_from_the_collection(self):
+    with tf.Graph().as_default():
+      key = self._graph_with_a_loop_scalar()
+      self.assertLen(tf.get_collection(key), 2)
+      self.assertEqual(summaries.drop_loop_scalars(), ["inside/router/z_loss"])
+      self.assertEqual([name for name, _ in tf.get_collection(key)], ["outside/router/z_loss"])
+
+
 class TrainWritesTest(absltest.TestCase):
 
   def test_each_step_writes_loss_and_collected_scalars_at_the_step_after_its_update(self):

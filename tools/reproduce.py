@@ -1,8 +1,10 @@
-"""Reproduce the paper's tables (ST-MoE, arXiv 2202.08906): stability study, capacity, entropy.
+"""Reproduce the paper's tables (ST-MoE, arXiv 2202.08906): stability study, capacity, entropy,
+sparse against dense.
 
   python tools/reproduce.py stability --scale=tiny --seeds=3 --out=reproduction_out
   python tools/reproduce.py capacity  --scale=tiny --out=reproduction_out
   python tools/reproduce.py entropy   --scale=tiny --out=reproduction_out
+  python tools/reproduce.py sparse_vs_dense --scale=small --out=reproduction_out
   python tools/reproduce.py stability --scale=l --tpu=NAME --gcp_project=P --tpu_zone=Z \
       --out=gs://bucket/repro --steps=... (TPU pod; --tpu* flags go to t5_mesh_transformer)
 
@@ -11,7 +13,8 @@ The tables are st_moe.experiments.tables'; this file only reads the flags. Each 
 every run). Runs live in <out>/runs/<run id>; rerunning skips finished runs and resumes unfinished
 ones. Diverged runs are stopped, listed as diverged and not evaluated. At scale `tiny` the tables
 run on the CPU with st_moe_tiny.gin and the run files gin/runs/stability_tiny.gin (constant learning
-rate 1.0, to make the baseline unstable) and gin/runs/reproduce_tiny.gin (the default schedule).
+rate 1.0, to make the baseline unstable) and gin/runs/reproduce_tiny.gin (the default schedule); at
+scale `small` with st_moe_small.gin / dense_small.gin on the docs corpus, also on the CPU.
 """
 import time
 
@@ -37,7 +40,9 @@ flags.DEFINE_integer("checkpoint_every", None, "Steps between checkpoints (resum
 flags.DEFINE_integer("jobs", None, "Runs trained at once, each its own t5_mesh_transformer process "
                      "(default: 1; for stability 2 at tiny scale on a machine with 2+ cores). "
                      "capacity's step-time column compares runs, so it trains one at a time.")
-flags.DEFINE_string("task", common.DEFAULT_TASK, "SeqIO task to train and evaluate on.")
+flags.DEFINE_string("task", None, "SeqIO task to train and evaluate on (default per scale: tiny "
+                    "st_moe_embedded_span_corruption, small st_moe_embedded_docs_span_corruption, "
+                    "l and 32b st_moe_pretrain).")
 flags.DEFINE_integer("trace_tokens", 2048, "Tokens the routing tracer reads (capacity, entropy).")
 flags.DEFINE_list("variants", list(stability.VARIANTS), "Stability variants to run.")
 flags.DEFINE_list("capacity_factors_train", ["1.0", "1.25", "2.0"],

@@ -1,7 +1,9 @@
-"""The paper's tables (ST-MoE, arXiv 2202.08906): stability study, capacity factors, routing entropy.
+"""The paper's tables (ST-MoE, arXiv 2202.08906): stability study, capacity factors, routing entropy,
+sparse against dense.
 
-Library side of `tools/reproduce.py`: one module per table family (stability, capacity, entropy)
-over common.py (settings, runs, output files), all run through st_moe.experiments.jobs.
+Library side of `tools/reproduce.py`: one module per table family (stability, capacity, entropy,
+sparse_vs_dense) over common.py (settings, runs, output files), all run through
+st_moe.experiments.jobs.
 
   from st_moe.experiments import tables
   path = tables.run_table("capacity", tables.Config(out="reproduction_out"))
@@ -9,10 +11,12 @@ over common.py (settings, runs, output files), all run through st_moe.experiment
 from st_moe.experiments.tables import capacity
 from st_moe.experiments.tables import common
 from st_moe.experiments.tables import entropy
+from st_moe.experiments.tables import sparse_vs_dense
 from st_moe.experiments.tables import stability
 
 Config = common.Config
-TABLES = {"stability": stability.table, "capacity": capacity.table, "entropy": entropy.table}
+TABLES = {"stability": stability.table, "capacity": capacity.table, "entropy": entropy.table,
+          "sparse_vs_dense": sparse_vs_dense.table}
 
 
 def validate(table, config: Config):

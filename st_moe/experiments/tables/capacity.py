@@ -3,7 +3,7 @@ dropped and step time on a grid of train x eval capacity factors.
 
 One run per (train factor, seed); every run is evaluated at every eval factor. The fraction of
 tokens dropped in evaluation is counted by the routing tracer (st_moe.analysis.tracing) at each
-eval factor on `trace_tokens` validation tokens (scale tiny only: the tracer runs on the CPU); in
+eval factor on `trace_tokens` validation tokens (CPU scales only: the tracer runs on the CPU); in
 training it is the layers' own summary over the last quarter of the steps.
 """
 from st_moe.analysis import reporting
@@ -44,7 +44,7 @@ def table(config: common.Config, show=print):
       return {}
     found = {cf: dict(common.evaluate(run, config, cf, show_line))
              for cf in config.capacity_factors_eval}
-    if config.scale == "tiny":
+    if config.scale in common.CPU_SCALES:
       traced = common.trace(run, config, config.capacity_factors_eval, show_line)
       for cf in found:
         found[cf]["eval_fraction_dropped"] = _dropped(traced[cf]["layers"])
@@ -76,7 +76,7 @@ def table(config: common.Config, show=print):
            f"Quality: negative log perplexity on the validation split ({config.eval_steps} "
            "batches). Dropped: fraction of (token, expert) assignments over capacity, mean over "
            "the sparse layers; in evaluation counted by the routing tracer on "
-           f"{config.trace_tokens} validation tokens at the eval factor (scale tiny only), in "
+           f"{config.trace_tokens} validation tokens at the eval factor (CPU scales only), in "
            "training the layers' summary over the last quarter of the steps at the train "
            f"factor. Step time: seconds per training step from tokens/s ({config.jobs} run(s) "
            "at once on a shared machine: compare the rows with each other). "

@@ -23,8 +23,13 @@ from typing import Dict, Sequence, Tuple
 from st_moe.analysis import reporting
 from st_moe.experiments import jobs
 
-SCALES = ("tiny", "l", "32b")
+SCALES = ("tiny", "small", "l", "32b")
 DEFAULT_TASK = "st_moe_embedded_span_corruption"
+# The task each scale trains on by default (--task overrides): tiny the pydoc text, small the docs
+# corpus with its 8k vocabulary (tasks/corpus.py), l and 32b C4.
+SCALE_TASKS = {"tiny": DEFAULT_TASK, "small": "st_moe_embedded_docs_span_corruption",
+               "l": "st_moe_pretrain", "32b": "st_moe_pretrain"}
+CPU_SCALES = ("tiny", "small")
 CAPACITY_FACTORS = (1.0, 1.25, 2.0)
 DEFAULT_EVAL_CF = 2.0  # the paper's (and our model files') evaluation capacity factor
 
@@ -63,6 +68,10 @@ class Config:
 SCALE_DEFAULTS = {
     "tiny": dict(steps=200, batch_size=16, inputs_length=64, targets_length=16, eval_steps=5,
                  checkpoint_every=100, jobs=min(2, os.cpu_count() or 1)),
+    # small: st_moe_small / dense_small (d_model 128, 8 experts) on the docs corpus; sized so that a
+    # table of 3 seeds x 2 models trains within 2 hours on 2 cores (docs/reproduction/).
+    "small": dict(steps=1500, batch_size=32, inputs_length=128, targets_length=32, eval_steps=20,
+                  checkpoint_every=500, jobs=min(2, os.cpu_count() or 1)),
     "l": dict(steps=10000, batch_size=2048, inputs_length=512, targets_length=114, eval_steps=50,
               checkpoint_every=1000, jobs=1),
     "32b": dict(steps=10000, batch_size=2048, inputs_length=512, targets_length=114,
@@ -73,14 +82,15 @@ SCALE_DEFAULTS = {
 def config_for(table, scale="tiny", **settings) -> Config:
   """The Config of `table` at `scale`: the scale's defaults, then `settings` that are not None.
 
-  Seeds default to 3 for stability and 1 otherwise; jobs to the scale's for stability and 1
-  otherwise (capacity's step-time column compares runs, so it trains one at a time).
+  Seeds default to 3 for stability and sparse_vs_dense and 1 otherwise; jobs to the scale's,
+  except 1 for capacity (its step-time column compares runs, so it trains one at a time).
   """
   if scale not in SCALES:
     raise ValueError(f"--scale={scale!r}: must be one of {', '.join(SCALES)}")
   values = dict(SCALE_DEFAULTS[scale])
-  values["seeds"] = 3 if table == "stability" else 1
-  if table != "stability":
+  values["task"] = SCALE_TASKS[scale]
+  values["seeds"] = 3 if table in ("stability", "sparse_vs_dense") else 1
+  if table == "capacity":
     values["jobs"] = 1
   values.update({k: v for k, v in settings.items() if v is not None})
   return Config(scale=scale, **values)
@@ -102,7 +112,7 @@ def validate_common(config: Config):
                         ("--capacity_factors_eval", config.capacity_factors_eval)):
     checks.append((name, ",".join(map(str, factors)),
                    len(factors) >= 1 and all(f > 0 for f in factors), "positive numbers"))
-  if config.scale != "tiny":
+  if config.scale not in CPU_SCALES:
     checks.append(("--tpu", " ".join(config.tpu_flags), bool(config.tpu_flags),
                    "t5_mesh_transformer's TPU flags, e.g. --tpu=NAME --gcp_project=P "
                    "--tpu_zone=Z (scales l and 32b train on a TPU pod)"))
@@ -114,11 +124,14 @@ def validate_common(config: Config):
 
 def model_gin_files(config: Config, table: str, dense=False):
   """A run's model, layout and run files (jobs.Job adds t5's dataset.gin in front)."""
-  if config.scale == "tiny":
-    model = "dense_tiny.gin" if dense else "st_moe_tiny.gin"
+  if config.scale in CPU_SCALES:
+    model = f"dense_{config.scale}.gin" if dense else f"st_moe_{config.scale}.gin"
     run_file = "stability_tiny.gin" if table == "stability" else "reproduce_tiny.gin"
     return [model, "cpu.gin", run_file]
-  model = {"l": "st_moe_l.gin", "32b": "st_moe_32b.gin"}[config.scale]
+  if dense:
+    model = {"l": "dense_l.gin", "32b": "dense_32b.gin"}[config.scale]
+  else:
+    model = {"l": "st_moe_l.gin", "32b": "st_moe_32b.gin"}[config.scale]
   layout = {"l": "tpu_v3_32_dp32.gin", "32b": "tpu_v3_1024_dp64_mp16.gin"}[config.scale]
   return [model, layout, "pretrain_c4.gin", "reproduce_tiny.gin"]
 
@@ -142,11 +155,13 @@ class Run:
     return self.summary.get("diverged")
 
 
-def make_run(config: Config, run_id: str, table: str, seed: int, params: Sequence[str]) -> Run:
-  """The run `run_id` of a table: the scale's files, the seed, `params`, then the user's."""
+def make_run(config: Config, run_id: str, table: str, seed: int, params: Sequence[str],
+             dense=False) -> Run:
+  """The run `run_id` of a table: the scale's files (its dense twin's if `dense`), the seed,
+  `params`, then the user's."""
   return Run(jobs.Job(
       name=run_id, model_dir=jobs.join(config.out, "runs", run_id),
-      gin_files=model_gin_files(config, table),
+      gin_files=model_gin_files(config, table, dense=dense),
       gin_params=[f"st_moe.seeded_train_dataset_fn.seed = {seed}"] + list(params)
       + list(config.gin_params),
       task=config.task, shape=config.shape(), extra_flags=tuple(config.tpu_flags)))
