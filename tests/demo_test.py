@@ -1,17 +1,21 @@
-"""End-to-end: a short `make demo` (tools/demo.py): pretraining, evaluation, routing trace,
-fine-tuning and decoding, report; and its rerun. (Killed-and-resumed and diverged demos:
-tests/demo_resume_test.py, so the two files run side by side.)
+"""End-to-end: a short `make demo` (tools/demo.py) killed by its PID and rerun: pretraining,
+evaluation, routing trace, fine-tuning and decoding, report; and a third run that skips it all.
+(A demo whose model diverges: tests/demo_diverged_test.py, so the two files run side by side.)
 
-One demo run (4 steps of st_moe_tiny and dense_tiny through t5_mesh_transformer, checkpoints every
-2 steps, evaluation, routing trace, 2 fine-tuning steps each, decoding, report) is shared by the
-tests of DemoTest.
+One demo run is shared by the tests of DemoTest: 4 steps of st_moe_tiny and dense_tiny through
+t5_mesh_transformer, checkpoints every 2 steps, evaluation, routing trace, 2 fine-tuning steps each,
+decoding, report. It is first killed by its PID (SIGTERM) once st_moe_tiny has its checkpoint at
+step 2, then rerun: the rerun resumes st_moe_tiny from that checkpoint and does the rest, so the
+finished demo's curve of 1..4 is also the killed-and-resumed curve.
 """
 import json
 import math
 import os
 import subprocess
+import signal
 import sys
 import tempfile
+import time
 
 from absl.testing import absltest
 import numpy as np
@@ -69,6 +73,32 @@ def processes_naming(text):
   return found
 
 
+def kill_after_first_checkpoint(out, **kwargs):
+  """Starts the demo, kills it by its PID (SIGTERM) once st_moe_tiny has its first checkpoint;
+  returns (the PIDs of training processes that outlived it, killed now; the demo's log)."""
+  model_dir = os.path.join(out, "st_moe_tiny")
+  os.makedirs(out, exist_ok=True)
+  log_path = os.path.join(out, "killed.log")
+  with open(log_path, "w") as log:
+    proc = subprocess.Popen(demo_cmd(out, **kwargs), stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 1200
+    while (not os.path.exists(os.path.join(model_dir, f"model.ckpt-{EVERY}.index"))
+           and proc.poll() is None and time.monotonic() < deadline):
+      time.sleep(0.2)
+    ended_early = proc.poll() is not None
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=120)
+  time.sleep(3)
+  survivors = processes_naming(f"--model_dir={model_dir}")
+  for pid in survivors:  # leave nothing running, whatever the outcome
+    os.kill(pid, signal.SIGKILL)
+  with open(log_path) as f:
+    log = f.read()
+  if ended_early:
+    log = "the demo ended before its first checkpoint\n" + log
+  return survivors, log
+
+
 def _log(proc):
   return proc.stdout[-4000:] + proc.stderr[-4000:]
 
@@ -80,6 +110,7 @@ class DemoTest(absltest.TestCase):
     super().setUpClass()
     cls.tmp = tempfile.TemporaryDirectory()
     cls.out = os.path.join(cls.tmp.name, "whole")
+    cls.survivors, cls.killed_log = kill_after_first_checkpoint(cls.out, finetune=True)
     cls.proc = run_demo(cls.out, finetune=True)
 
   @classmethod
@@ -122,6 +153,16 @@ class DemoTest(absltest.TestCase):
     self.assertRegex(self.proc.stdout, r"\[st_moe_tiny\] step +4 +loss +\d")
     self.assertIn("tokens/s", self.proc.stdout)
 
+  def test_killed_demo_left_nothing_running_and_resumed_from_its_checkpoint(self):
+    self.assertNotIn("the demo ended before its first checkpoint", self.killed_log[:60])
+    self.assertEqual(self.survivors, [], "t5_mesh_transformer outlived the demo killed by its PID")
+    self.assertIn(f"[st_moe_tiny] training steps {EVERY + 1}..{STEPS} (resuming from its "
+                  "checkpoint)", self.proc.stdout)
+    # One loss per step 1..STEPS in the event files (checked in
+    # test_demo_writes_report_checkpoints_and_pngs), all finite.
+    _, losses = runner.steps_and_losses(os.path.join(self.out, "st_moe_tiny"))
+    self.assertTrue(all(math.isfinite(v) for v in losses), losses)
+
   def test_progress_shows_router_metrics(self):
     # From the sparse layers' summaries in the event files (no print_metrics).
     self.assertRegex(self.proc.stdout, r"\[st_moe_tiny\] step +\d+ +loss .* router z-loss")
@@ -163,8 +204,9 @@ class DemoTest(absltest.TestCase):
     self.assertIn("[dense_tiny] already trained", proc.stdout)
     self.assertNotIn("evaluating", proc.stdout)
     self.assertNotIn("tracing", proc.stdout)
+    # The killed run's log and the resumed run's; nothing new from this rerun.
     self.assertEqual(sorted(os.listdir(os.path.join(self.out, "st_moe_tiny", "logs"))),
-                     ["eval.0.log", "st_moe_tiny.0.log"])
+                     ["eval.0.log", "st_moe_tiny.0.log", "st_moe_tiny.1.log"])
 
   def test_trace_at_the_eval_capacity_factor(self):
     with open(os.path.join(self.out, "routing", "routing.json")) as f:
