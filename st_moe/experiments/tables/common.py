@@ -70,7 +70,7 @@ SCALE_DEFAULTS = {
                  checkpoint_every=100, jobs=min(2, os.cpu_count() or 1)),
     # small: st_moe_small / dense_small (d_model 128, 8 experts) on the docs corpus; sized so that a
     # table of 3 seeds x 2 models trains within 2 hours on 2 cores (docs/reproduction/).
-    "small": dict(steps=1500, batch_size=32, inputs_length=128, targets_length=32, eval_steps=20,
+    "small": dict(steps=1000, batch_size=32, inputs_length=128, targets_length=32, eval_steps=20,
                   checkpoint_every=500, jobs=min(2, os.cpu_count() or 1)),
     "l": dict(steps=10000, batch_size=2048, inputs_length=512, targets_length=114, eval_steps=50,
               checkpoint_every=1000, jobs=1),
