@@ -160,6 +160,7 @@ class SparseFFN(transformer.TransformerLayer):
                router_z_loss_coef=1e-3,
                router_init_stddev=2e-2,
                router_jitter_eps=0.0,
+               router_precision="float32",
                batch_prioritized_routing=False,
                expert_dropout_rate=0.0,
                multiplicative_bias=False,
@@ -204,6 +205,9 @@ class SparseFFN(transformer.TransformerLayer):
       router_z_loss_coef: c_z, weight of the router z-loss (applied directly, not times c_B).
       router_init_stddev: stddev of the normal initialiser of the router kernel.
       router_jitter_eps: multiplicative router-input jitter in training (0 turns it off).
+      router_precision: "float32" (ST-MoE's selective precision: the router in float32 whatever
+        the activations) or "bfloat16" (the router's inputs, logits and softmax carry bfloat16
+        round-off, emulated by casts: the unstable setting of the paper's Sec. 3.3).
       batch_prioritized_routing: slots by decreasing top-1 probability; encoders only.
       expert_dropout_rate: dropout on the experts' hidden layer in training (fine-tuning knob,
         separate from the model's dropout).
@@ -264,6 +268,10 @@ class SparseFFN(transformer.TransformerLayer):
       raise ValueError(f"expert_dropout_rate={expert_dropout_rate!r}: must be in [0, 1)")
     if not 0.0 <= router_jitter_eps < 1.0:
       raise ValueError(f"router_jitter_eps={router_jitter_eps!r}: must be in [0, 1)")
+    if router_precision not in routing.ROUTER_PRECISIONS:
+      raise ValueError(f"router_precision={router_precision!r}: must be one of "
+                       f"{', '.join(map(repr, routing.ROUTER_PRECISIONS))} (float32: ST-MoE's "
+                       "selective precision)")
     for name, value in (("balance_loss_coef", balance_loss_coef),
                         ("router_z_loss_coef", router_z_loss_coef),
                         ("router_init_stddev", router_init_stddev)):
@@ -288,6 +296,7 @@ class SparseFFN(transformer.TransformerLayer):
     self.router_z_loss_coef = router_z_loss_coef
     self.router_init_stddev = router_init_stddev
     self.router_jitter_eps = router_jitter_eps
+    self.router_precision = router_precision
     self.batch_prioritized_routing = batch_prioritized_routing
     self.expert_dropout_rate = expert_dropout_rate
     self.multiplicative_bias = multiplicative_bias
@@ -379,14 +388,15 @@ class SparseFFN(transformer.TransformerLayer):
         tokens, experts_unsplit_dim, init_stddev=self.router_init_stddev,
         jitter_eps=self.router_jitter_eps, train=train,
         master_dtype=context.variable_dtype.master_dtype,
-        slice_dtype=context.variable_dtype.slice_dtype)  # [G, S, E_u] float32
+        slice_dtype=context.variable_dtype.slice_dtype,
+        precision=self.router_precision)  # [G, S, E_u] float32
     result = routing.route_top_k(
         logits, experts_unsplit_dim, group_dim, capacity, self.num_selected_experts,
         nonpadding=nonpadding,
         second_policy=self.second_policy_train if train else self.second_policy_eval,
         second_threshold=self.second_threshold_train if train else self.second_threshold_eval,
         renormalize_gates=self.renormalize_gates,
-        batch_prioritized=self.batch_prioritized_routing)
+        batch_prioritized=self.batch_prioritized_routing, precision=self.router_precision)
     capacity_dim = result.dispatch.shape.dims[-1]
 
     # DISPATCH: [G`, S, M] x [G`, S, E_u, C] -> [E_u, G`, C, M] -> (all-to-all) [E`, G_u, C, M]

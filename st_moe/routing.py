@@ -126,11 +126,28 @@ def group_tokens(num_tokens, group_size, mesh_dim_size=1):
   return num_groups, num_tokens // num_groups
 
 
+ROUTER_PRECISIONS = ("float32", "bfloat16")
+
+
+def round_to_bfloat16(x):
+  """<float32> x rounded to the nearest bfloat16 value (8 significant bits), kept in float32.
+
+  Emulates a bfloat16 computation's round-off where the CPU has no bfloat16 kernel; the gradient
+  passes through the two casts unchanged.
+  """
+  return mtf.cast(mtf.cast(x, tf.bfloat16), tf.float32)
+
+
 def router_logits(inputs, experts_dim, init_stddev=2e-2, jitter_eps=0.0, train=False,
-                  master_dtype=tf.float32, slice_dtype=tf.float32, name="router"):
+                  master_dtype=tf.float32, slice_dtype=tf.float32, name="router",
+                  precision="float32"):
   """Router logits from a bias-free projection, in float32 whatever the inputs' dtype.
 
-  ST-MoE "selective precision": the router runs in float32 even under bfloat16 activations.
+  ST-MoE "selective precision": the router runs in float32 even under bfloat16 activations
+  (precision "float32", the default). Precision "bfloat16" is what selective precision avoids: the
+  router's inputs and logits carry bfloat16 round-off (each rounded to 8 significant bits; the
+  product itself in float32), and `route_top_k` then rounds the softmax's exponentials, so large
+  logits lose precision as in the paper's unstable runs (ST-MoE Sec. 3.3).
 
   Args:
     inputs: <any float>[G, S, M] tokens.
@@ -140,17 +157,21 @@ def router_logits(inputs, experts_dim, init_stddev=2e-2, jitter_eps=0.0, train=F
     train: whether this is a training graph.
     master_dtype, slice_dtype: the kernel's variable dtypes.
     name: variable scope of the kernel (`<name>/kernel`, shape [M, E]).
+    precision: "float32" or "bfloat16" (see above).
 
   Returns:
-    <float32>[G, S, E].
+    <float32>[G, S, E] (values on the bfloat16 grid at precision "bfloat16").
   """
   x = mtf.to_float(inputs)
   if train and jitter_eps > 0.0:
     x *= mtf.random_uniform(x.mesh, x.shape, minval=1.0 - jitter_eps, maxval=1.0 + jitter_eps)
-  return mtf.layers.dense(
+  if precision == "bfloat16":
+    x = round_to_bfloat16(x)
+  logits = mtf.layers.dense(
       x, experts_dim, reduced_dims=x.shape.dims[-1:], use_bias=False,
       variable_dtype=mtf.VariableDType(master_dtype, slice_dtype, tf.float32),
       kernel_initializer=tf.random_normal_initializer(stddev=init_stddev), name=name)
+  return round_to_bfloat16(logits) if precision == "bfloat16" else logits
 
 
 def _tf_positions(mask, order=None):
@@ -214,7 +235,7 @@ def _second_policy_mask(policy, gate, threshold, train_rng_mesh):
 
 def route_top_k(logits, experts_dim, group_dim, capacity, num_selected_experts=2,
                 nonpadding=None, second_policy="random", second_threshold=0.2,
-                renormalize_gates=True, batch_prioritized=False):
+                renormalize_gates=True, batch_prioritized=False, precision="float32"):
   """Token-choice top-k routing with capacity (MTF `_top_2_gating` semantics, any k).
 
   Args:
@@ -232,6 +253,8 @@ def route_top_k(logits, experts_dim, group_dim, capacity, num_selected_experts=2
     renormalize_gates: gates of the k choices divided by their sum (MTF); else raw probabilities.
     batch_prioritized: buffer slots go to tokens in order of decreasing top-1 probability
       instead of their order in the group (encoders only: it looks at later tokens).
+    precision: "float32", or "bfloat16": the softmax's exponentials and probabilities rounded to
+      bfloat16 (`router_logits`'s precision "bfloat16").
 
   Returns:
     a RoutingResult.
@@ -240,7 +263,13 @@ def route_top_k(logits, experts_dim, group_dim, capacity, num_selected_experts=2
   `st_moe.layers.SparseFFN` checks them once, when it is built.
   """
   logits = mtf.to_float(logits)
-  probs = mtf.softmax(logits, experts_dim)  # [G, S, E]
+  if precision == "bfloat16":
+    # softmax with bfloat16 exponentials: exp(logit - max) rounded, then normalised and rounded.
+    shifted = logits - mtf.stop_gradient(mtf.reduce_max(logits, reduced_dim=experts_dim))
+    exps = round_to_bfloat16(mtf.exp(shifted))
+    probs = round_to_bfloat16(exps / mtf.reduce_sum(exps, reduced_dim=experts_dim))
+  else:
+    probs = mtf.softmax(logits, experts_dim)  # [G, S, E]
   if nonpadding is not None:
     nonpadding = mtf.to_float(nonpadding)  # [G, S]
 

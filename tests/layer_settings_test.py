@@ -43,6 +43,8 @@ class SettingsTest(absltest.TestCase):
          r"min_expert_capacity=9 is larger than group_size=8.*min_expert_capacity <= 8"),
         (dict(capacity_factor_decode=0.0), r"capacity_factor_decode=0\.0: must be > 0, or None"),
         (dict(capacity_factor_decode=-2), r"capacity_factor_decode=-2"),
+        (dict(router_precision="float16"),
+         r"router_precision='float16': must be one of 'float32', 'bfloat16'"),
     ]
     for kwargs, message in cases:
       with self.assertRaisesRegex(ValueError, message, msg=str(kwargs)):
@@ -56,6 +58,7 @@ class SettingsTest(absltest.TestCase):
     layers.SparseFFN(second_policy_train="all", second_threshold_train=1.5,
                      second_policy_eval="none", second_threshold_eval=-1.0)
     layers.SparseFFN(capacity_factor_decode=0.5)
+    layers.SparseFFN(router_precision="bfloat16")
 
   def test_defaults_train_at_random_and_evaluate_deterministically(self):
     layer = layers.SparseFFN()

@@ -65,6 +65,13 @@ def reference_route(logits, k, capacity, nonpadding=None, policy="all", threshol
   return dispatch, combine, index, gates, kept
 
 
+def to_bfloat16(x):
+  """numpy: float32 values rounded to the nearest bfloat16 (ties to even), as float32."""
+  bits = np.asarray(x, np.float32).view(np.uint32)
+  rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+  return rounded.astype(np.uint32).view(np.float32)
+
+
 def evaluate(build):
   """Builds mtf tensors with build(mesh) -> list, lowers on one CPU slice, returns numpy values."""
   graph = mtf.Graph()
@@ -228,6 +235,48 @@ class RoutingTest(absltest.TestCase):
     self.assertEqual(logits.shape.dims, [groups_dim, group_dim, experts_dim])
     kernel, = [v for v in mesh.graph.trainable_variables if v.name.endswith("router/kernel")]
     self.assertEqual(kernel.activation_dtype, tf.float32)
+
+  def test_bfloat16_rounding_reference_by_hand(self):
+    # 1 + 2^-8 is halfway between bfloat16 neighbours 1 and 1 + 2^-7: ties go to even (1.0);
+    # 1 + 3 * 2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: ties go to even (1 + 2^-6).
+    np.testing.assert_array_equal(
+        to_bfloat16([1 + 2 ** -8, 1 + 3 * 2 ** -8, 100.3, -0.1]),
+        np.array([1.0, 1 + 2 ** -6, 100.5, -0.10009765625], np.float32))
+
+  def test_bfloat16_router_precision_rounds_inputs_logits_and_softmax(self):
+    groups_dim, group_dim = mtf.Dimension("batch", G), mtf.Dimension("group", S)
+    model_dim, experts_dim = mtf.Dimension("d_model", 6), mtf.Dimension("experts_unsplit", E)
+    # Large inputs give large logits, where bfloat16's 8 significant bits cost most.
+    x_value = (np.random.RandomState(3).randn(G, S, 6) * 300).astype(np.float32)
+
+    def build(mesh):
+      x = import_tensor(mesh, x_value, [groups_dim, group_dim, model_dim])
+      out = []
+      for precision in ("float32", "bfloat16"):
+        logits = routing.router_logits(x, experts_dim, name=f"router_{precision}",
+                                       precision=precision)
+        kernel, = [v for v in mesh.graph.trainable_variables
+                   if v.name == f"router_{precision}/kernel"]
+        result = routing.route_top_k(logits, experts_dim, group_dim, capacity=S,
+                                     precision=precision)
+        out += [logits, kernel.outputs[0], result.router_probs]
+      return out
+
+    f32_logits, f32_kernel, f32_probs, bf_logits, bf_kernel, bf_probs = evaluate(build)
+    want_logits = to_bfloat16(np.einsum("gsm,me->gse", to_bfloat16(x_value), bf_kernel))
+    # Equal to the last bfloat16 step (a float32 sum next to a rounding boundary may round the
+    # other way).
+    np.testing.assert_allclose(bf_logits, want_logits, rtol=2 ** -7)
+    np.testing.assert_array_equal(to_bfloat16(bf_logits), bf_logits)  # on the bfloat16 grid
+    np.testing.assert_allclose(f32_logits, np.einsum("gsm,me->gse", x_value, f32_kernel),
+                               rtol=1e-5, atol=1e-4)
+    self.assertGreater(np.abs(f32_logits).max(), 16.0)
+    exps = to_bfloat16(np.exp(bf_logits - bf_logits.max(-1, keepdims=True)))
+    want_probs = to_bfloat16(exps / exps.sum(-1, keepdims=True))
+    np.testing.assert_allclose(bf_probs, want_probs, rtol=2 ** -7, atol=1e-7)
+    np.testing.assert_array_equal(to_bfloat16(bf_probs), bf_probs)
+    np.testing.assert_allclose(f32_probs, softmax(f32_logits), rtol=1e-5, atol=1e-6)
+    self.assertFalse(np.array_equal(to_bfloat16(f32_probs), f32_probs))  # float32 is not rounded
 
   def test_router_jitter_in_training_only(self):
     groups_dim, group_dim = mtf.Dimension("batch", G), mtf.Dimension("group", S)
