@@ -347,6 +347,8 @@ def routing_metrics(result, experts_dim, nonpadding=None) -> Dict[str, mtf.Tenso
       fraction_dropped: fraction of tokens that got no buffer slot at all;
       confidence: mean top-1 router probability;
       entropy: mean routing entropy -sum_e p_e log p_e (nats);
+      max_logit: the largest router logit of a non-padding token (what the router z-loss keeps
+        small; bfloat16 round-off grows with it);
       expert_fraction/NN: fraction of tokens whose first choice is expert NN (before capacity).
   """
   probs = result.router_probs
@@ -364,6 +366,10 @@ def routing_metrics(result, experts_dim, nonpadding=None) -> Dict[str, mtf.Tenso
       "confidence": mtf.reduce_sum(weight * mtf.reduce_max(probs, reduced_dim=experts_dim))
                     / num_tokens,
       "entropy": mtf.reduce_sum(weight * entropy) / num_tokens,
+      # Padding tokens count as -1e30, below any real logit.
+      "max_logit": mtf.reduce_max(
+          weight * mtf.reduce_max(result.router_logits, reduced_dim=experts_dim)
+          - (1.0 - weight) * 1e30),
   }
   fractions = mtf.reduce_sum(result.top1_mask, output_shape=[experts_dim]) / num_tokens
   width = max(2, len(str(experts_dim.size - 1)))

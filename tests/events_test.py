@@ -99,12 +99,14 @@ class StepMetricsTest(absltest.TestCase):
         f"{dec}/router/expert_fraction/00": {1: 0.5}, f"{dec}/router/expert_fraction/01": {1: 0.2},
         f"{dec}/router/expert_fraction/02": {1: 0.3},
         f"{enc}/router/balance_loss": {1: 1.2}, f"{dec}/router/balance_loss": {1: 2.7},
+        f"{enc}/router/max_logit": {1: 3.5}, f"{dec}/router/max_logit": {1: 7.25},
         "st_moe_guard/consecutive_skipped": {1: 0.0, 2: 1.0},
     }
     row = events.router_by_step(scalars)[1]
     self.assertAlmostEqual(row["z_loss"], 3.0)  # (2 + 4) / 2
     self.assertAlmostEqual(row["dropped"], 0.2)  # (0.1 + 0.3) / 2
     self.assertAlmostEqual(row["max_dropped"], 0.3)
+    self.assertEqual(row["max_logit"], 7.25)  # the largest of any layer, not a mean
     self.assertAlmostEqual(row["max_expert_fraction"], 0.7)
     # Shares: encoder min(0.7, 1.2 / 2) = 0.6, decoder min(0.5, 2.7 / 3) = 0.5.
     self.assertAlmostEqual(row["max_expert_share"], 0.6)

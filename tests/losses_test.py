@@ -77,7 +77,8 @@ class LossesTest(absltest.TestCase):
                                      nonpadding),
             losses.router_z_loss(r.router_logits, self.dims[2], nonpadding),
             metrics["fraction_dropped"], metrics["confidence"], metrics["entropy"],
-            metrics["expert_fraction/00"], metrics["expert_fraction/03"], r.kept]
+            metrics["expert_fraction/00"], metrics["expert_fraction/03"], r.kept,
+            metrics["max_logit"]]
 
   def _reference(self, padded):
     w = self.nonpadding if padded else np.ones((G, S), np.float32)
@@ -107,6 +108,8 @@ class LossesTest(absltest.TestCase):
       w = self.nonpadding if padded else np.ones((G, S))
       kept = reference_kept(self.logits, w, capacity=2)
       np.testing.assert_array_equal(got[7].reshape(kept.shape) > 0.5, kept)
+      # The largest logit of a real token (padding excluded).
+      self.assertAlmostEqual(got[8], self.logits[w > 0].max(), places=5)
       want_dropped = ((~kept.any(-1)) * w).sum() / w.sum()
       self.assertAlmostEqual(got[2], want_dropped, places=6)
       self.assertGreater(want_dropped, 0.0)

@@ -235,6 +235,10 @@ class RealRunTest(absltest.TestCase):
           # z-loss = mean (log sum exp logits)^2 >= (log 4 - small)^2 for a near-uniform router.
           self.assertGreater(metrics["z_loss"][step], 1.5, scope)
           self.assertBetween(metrics["entropy"][step], 0.0, math.log(4) + 1e-6)
+          # Every token's log-sum-exp lies in [max logit, max logit + ln 4], so the z-loss (their
+          # mean square, all positive here) is at most (largest logit + ln 4)^2.
+          self.assertLessEqual(metrics["z_loss"][step],
+                               (metrics["max_logit"][step] + math.log(4)) ** 2 + 1e-4, scope)
 
       # Evaluation: the router's means over the evaluation batches, beside the perplexity.
       ev = runner.run(

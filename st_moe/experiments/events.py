@@ -5,7 +5,7 @@ What a t5_mesh_transformer run writes (with `st_moe.register` imported, see `st_
   <model_dir>/events.out.tfevents.*      training: `loss` at every step, the router scalars of
                                          every sparse layer (`<layer scope>/router/<metric>`:
                                          balance_loss, z_loss, fraction_dropped, confidence,
-                                         entropy, expert_fraction/NN), the Estimator's
+                                         entropy, max_logit, expert_fraction/NN), the Estimator's
                                          `learning_rate` and `global_step/sec` every 100 steps
   <model_dir>/eval_<name>/events.out.*   `perplexity_eval` (Estimator.evaluate, name
                                          "<dataset>_<split>_<examples>"): loss, neg_log_perplexity,
@@ -195,7 +195,8 @@ def router_by_step(scalars) -> Dict[int, Dict[str, float]]:
     experts it picks first), so that it is near 1 only when one expert gets nearly every token
     and nearly all of the router's probability (an untrained router near 1 / E per expert can
     send a small decoder group's first choices all to one expert), "num_experts": the fewest
-    experts of a layer, "confidence": mean, "entropy": mean}}, for the steps where every layer
+    experts of a layer, "confidence": mean, "entropy": mean, "max_logit": the largest router
+    logit of any layer}}, for the steps where every layer
     wrote its metrics.
   """
   layers = router_layers(scalars)
@@ -215,6 +216,9 @@ def router_by_step(scalars) -> Dict[int, Dict[str, float]]:
       if vals:
         row[key] = sum(vals) / len(vals)
     row["max_dropped"] = max(m["fraction_dropped"][step] for m in layers.values())
+    logits = [m["max_logit"][step] for m in layers.values() if step in m.get("max_logit", {})]
+    if logits:
+      row["max_logit"] = max(logits)  # the largest router logit of any sparse layer
     fractions, shares, experts = [], [], []
     for m in layers.values():
       layer = [v[step] for k, v in m.items() if k.startswith("expert_fraction/") and step in v]

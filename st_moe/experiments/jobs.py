@@ -250,8 +250,8 @@ def train(job: Job, steps: int, checkpoint_every: int, *, show=print, every=None
   Returns:
     the summary dict (also in train_done.json or diverged.json): status "done", "diverged" or
     "failed"; diverged (the reason) and diverged_step; final_train_loss; tokens_per_second;
-    step_seconds; router_z_loss and fraction_dropped (last step); train_fraction_dropped (mean of
-    the last quarter); command.
+    step_seconds; router_z_loss, router_max_logit and fraction_dropped (last step);
+    train_fraction_dropped (mean of the last quarter); command.
   """
   done_path, div_path = job.path("train_done.json"), job.path("diverged.json")
   for path, what in ((done_path, "trained"), (div_path, "diverged")):
@@ -304,6 +304,7 @@ def train(job: Job, steps: int, checkpoint_every: int, *, show=print, every=None
       final_train_loss=_last(curve), final_step=_last(curve_steps),
       tokens_per_second=tps, step_seconds=job.shape.tokens_per_step() / tps if tps else None,
       router_z_loss=_last(router.get("z_loss")), fraction_dropped=_last(router.get("dropped")),
+      router_max_logit=_last(router.get("max_logit")),
       train_fraction_dropped=_mean_tail(router.get("dropped")),
       seconds=result.seconds if result else 0.0)
   if diverged:

@@ -83,7 +83,7 @@ class RunResult:
   """What one attempt saw (steps from the attempt's first step; values from the event files).
 
   router: {"z_loss", "balance_loss", "dropped", "max_dropped", "max_expert_fraction",
-  "confidence", "entropy"} -> one value per entry of `steps` that has router metrics (means
+  "confidence", "entropy", "max_logit"} -> one value per entry of `steps` that has router metrics (means
   over the sparse layers, `events.router_by_step`); empty for a model without sparse layers.
   started: the attempt's start (unix time): `eval_results(model_dir, since=started)` reads the
   evaluations this attempt wrote.
