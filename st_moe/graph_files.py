@@ -9,7 +9,7 @@ a 152 s four-step run (65 s without). Nothing reads them back: checkpoints resto
 `.index` and `.data` files, t5_mesh_transformer rebuilds the graph from gin, and st-moe's tools read
 only scalars and checkpoints. What is lost is TensorBoard's "Graphs" tab.
 
-    st_moe.graph_files.write = False   # in gin/layouts/cpu.gin; True (upstream's behaviour) elsewhere
+    st_moe.graph_files.write = False   # gin/layouts/cpu.gin; elsewhere True (upstream's way)
 
 `install()` (called once by `st_moe.register`) patches two upstream points, both read after gin is
 parsed, when a run's hooks are built:

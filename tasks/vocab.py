@@ -130,7 +130,8 @@ def embedded_vocabulary(extra_ids: int = EXTRA_IDS) -> seqio.SentencePieceVocabu
 _TRAIN_SCRIPT = """
 import sys
 import sentencepiece as spm
-corpus, prefix, vocab_size, coverage = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+corpus, prefix = sys.argv[1], sys.argv[2]
+vocab_size, coverage = int(sys.argv[3]), float(sys.argv[4])
 spm.SentencePieceTrainer.train(
     input=corpus, model_prefix=prefix, model_type="unigram", vocab_size=vocab_size,
     character_coverage=coverage, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1,

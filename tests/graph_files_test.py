@@ -79,7 +79,7 @@ class GraphFilesTest(absltest.TestCase):
 
   def test_install_is_idempotent_and_uninstall_restores(self):
     from tensorflow.python.summary.writer import writer_cache  # pylint: disable=g-import-not-at-top
-    from tensorflow.python.training import basic_session_run_hooks as hooks  # pylint: disable=g-import-not-at-top
+    from tensorflow.python.training import basic_session_run_hooks as hooks  # pylint: disable=g-import-not-at-top,line-too-long
     graph_files.uninstall()
     upstream = (hooks.CheckpointSaverHook.__init__, writer_cache.FileWriterCache.get)
     try:

@@ -110,7 +110,8 @@ def table(config: common.Config, show=print):
   summary = verdict(effect, spread)
   intro = (f"Scale `{config.scale}`, {config.seeds} seed(s) per model (the same seeds, i.e. the "
            f"same data order, for both), {config.steps} steps of {config.batch_size} x "
-           f"({config.inputs_length} + {config.targets_length}) tokens on `{config.task}`, run file "
+           f"({config.inputs_length} + {config.targets_length}) tokens on `{config.task}`, "
+           "run file "
            f"`{common.model_gin_files(config, 'sparse_vs_dense')[-1]}`. Quality: negative log "
            f"perplexity (NLP, higher is better) on the validation split ({config.eval_steps} "
            f"batches) at eval capacity factor {common.DEFAULT_EVAL_CF:g}, mean +- sample std over "
