@@ -25,7 +25,9 @@ from st_moe.experiments import runner
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LENGTHS = {"inputs": 64, "targets": 16}
-STEPS, EVERY = 4, 2
+# 8 steps with a checkpoint every 2: the demo is killed once the first (step 2) is written, with
+# 6 steps (seconds) still to go, so that the kill lands mid-training.
+STEPS, EVERY = 8, 2
 TRACE_TOKENS, TRACE_BATCH = 128, 8  # the tracer's default batch: 8 sequences
 # st_moe_tiny has 4 experts and routing groups of S = 64 tokens. At eval capacity factor 4 an
 # expert holds min(S, int(S * 4 / 4)) = S slots per group: every token of a group fits in every
@@ -140,24 +142,28 @@ class DemoTest(absltest.TestCase):
     for model in ("st_moe_tiny", "dense_tiny"):
       model_dir = os.path.join(self.out, model)
       self.assertTrue(os.path.exists(os.path.join(model_dir, "operative_config.gin")))
-      for step in range(EVERY, STEPS + 1, EVERY):  # a checkpoint every 2 steps: 2 and 4
+      for step in range(EVERY, STEPS + 1, EVERY):  # a checkpoint every 2 steps
         self.assertTrue(os.path.exists(os.path.join(model_dir, f"model.ckpt-{step}.index")),
                         (model, step, sorted(os.listdir(model_dir))))
-      self.assertEqual(runner.steps_and_losses(model_dir)[0], [1, 2, 3, 4])
+      self.assertEqual(runner.steps_and_losses(model_dir)[0], list(range(1, STEPS + 1)))
       with open(os.path.join(model_dir, "eval.json")) as f:
         ev = json.load(f)
       self.assertEqual(ev["step"], STEPS)
       self.assertIn(f"st_moe.SparseFFN.capacity_factor_eval = {CF_EVAL}", ev["gin_params"])
       self.assertTrue(math.isfinite(ev["neg_log_perplexity"]))
       self.assertLess(ev["neg_log_perplexity"], 0)
-    self.assertRegex(self.proc.stdout, r"\[st_moe_tiny\] step +4 +loss +\d")
+    self.assertRegex(self.proc.stdout, rf"\[st_moe_tiny\] step +{STEPS} +loss +\d")
     self.assertIn("tokens/s", self.proc.stdout)
 
   def test_killed_demo_left_nothing_running_and_resumed_from_its_checkpoint(self):
     self.assertNotIn("the demo ended before its first checkpoint", self.killed_log[:60])
     self.assertEqual(self.survivors, [], "t5_mesh_transformer outlived the demo killed by its PID")
-    self.assertIn(f"[st_moe_tiny] training steps {EVERY + 1}..{STEPS} (resuming from its "
-                  "checkpoint)", self.proc.stdout)
+    # Resumed from a checkpoint the killed run wrote (step 2, or a later one if the kill landed
+    # late), not from scratch and not after the end.
+    resumed = re.search(rf"\[st_moe_tiny\] training steps (\d+)\.\.{STEPS} \(resuming from its "
+                        r"checkpoint\)", self.proc.stdout)
+    self.assertIsNotNone(resumed, self.proc.stdout[:2000])
+    self.assertBetween(int(resumed.group(1)), EVERY + 1, STEPS - 1)
     # One loss per step 1..STEPS in the event files (checked in
     # test_demo_writes_report_checkpoints_and_pngs), all finite.
     _, losses = runner.steps_and_losses(os.path.join(self.out, "st_moe_tiny"))
@@ -177,7 +183,7 @@ class DemoTest(absltest.TestCase):
     task = "st_moe_embedded_pydoc_topic"
     for model in ("st_moe_tiny", "dense_tiny"):
       model_dir = os.path.join(self.out, f"{model}_finetune")
-      # Fine-tuning counts on from the pretrained checkpoint (step 4) for FINETUNE_STEPS steps.
+      # Fine-tuning counts on from the pretrained checkpoint (step STEPS) for FINETUNE_STEPS steps.
       final = STEPS + FINETUNE_STEPS
       self.assertTrue(os.path.exists(os.path.join(model_dir, f"model.ckpt-{final}.index")),
                       sorted(os.listdir(model_dir)))
