@@ -11,6 +11,7 @@ finished demo's curve of 1..4 is also the killed-and-resumed curve.
 import json
 import math
 import os
+import re
 import subprocess
 import signal
 import sys
