@@ -164,6 +164,7 @@ class SparseFFN(transformer.TransformerLayer):
                batch_prioritized_routing=False,
                expert_dropout_rate=0.0,
                multiplicative_bias=False,
+               additive_bias=False,
                experts_dim_name="experts",
                dispatch="gather"):
     """Records and checks the settings.
@@ -211,7 +212,10 @@ class SparseFFN(transformer.TransformerLayer):
       batch_prioritized_routing: slots by decreasing top-1 probability; encoders only.
       expert_dropout_rate: dropout on the experts' hidden layer in training (fine-tuning knob,
         separate from the model's dropout).
-      multiplicative_bias: a learned [E, H] vector, initialised to ones, scales the hidden layer.
+      multiplicative_bias: a learned [E, H] vector, initialised to ones, scales the hidden layer
+        (the paper's Table 17: [(GELU(x W11) * (x W12)) * B] W2).
+      additive_bias: a learned [E, H] vector, initialised to zeros, added to the hidden layer at
+        the same place (Table 17's additive variant). Either, both or neither.
       experts_dim_name: name of the experts dimension of the expert weights (for layout rules).
       dispatch: how tokens move to the expert buffers and back: "gather" (index gather/scatter,
         the default: no S x E x C matrix products, fastest on CPU, see docs/performance.md) or
@@ -300,6 +304,7 @@ class SparseFFN(transformer.TransformerLayer):
     self.batch_prioritized_routing = batch_prioritized_routing
     self.expert_dropout_rate = expert_dropout_rate
     self.multiplicative_bias = multiplicative_bias
+    self.additive_bias = additive_bias
     self.experts_dim_name = experts_dim_name
     self.dispatch = dispatch
 
@@ -439,6 +444,12 @@ class SparseFFN(transformer.TransformerLayer):
           expert_inputs.mesh, "multiplicative_bias", mtf.Shape([experts_dim, hidden_dim]),
           initializer=tf.ones_initializer(), dtype=context.variable_dtype)
       h *= mtf.cast(bias, h.dtype)
+    if self.additive_bias:
+      # An empty capacity slot computes B too; its combine weight is 0, so it reaches no output.
+      bias = mtf.get_variable(
+          expert_inputs.mesh, "additive_bias", mtf.Shape([experts_dim, hidden_dim]),
+          initializer=tf.zeros_initializer(), dtype=context.variable_dtype)
+      h += mtf.cast(bias, h.dtype)
     if context.train and self.expert_dropout_rate > 0.0:
       h = mtf.dropout(h, context.train, keep_prob=1.0 - self.expert_dropout_rate)
     return expert_dense(h, hidden_dim, model_dim, experts_dim, context.variable_dtype,

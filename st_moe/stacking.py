@@ -21,13 +21,18 @@ Two ways in:
 from typing import List
 
 import gin
+import numpy as np
 from mesh_tensorflow.transformer import transformer
 from mesh_tensorflow.transformer import transformer_layers
 
 from st_moe import layers as st_moe_layers
 
 PLACEMENTS = ("every_nth", "bottom", "top", "middle")
-EXTRA_DENSE_FFN = ("after", "before", "both", "none")
+EXTRA_DENSE_FFN = ("after", "before", "both", "none", "random")
+# "random" (the paper's Table 16, "extra FFN layers placed randomly"): as many extra dense FFNs as
+# there are sparse blocks, each after a sub-layer drawn at random (without replacement, from this
+# fixed seed, so every run and checkpoint of a model has the same stack).
+RANDOM_PLACEMENT_SEED = 0
 
 
 def sparse_layer_indices(num_layers, num_sparse_layers, placement="every_nth") -> List[int]:
@@ -82,6 +87,18 @@ def block_specs(num_layers, num_sparse_layers, sparse_placement="every_nth",
     raise ValueError(f"extra_dense_ffn={extra_dense_ffn!r}: expected one of {EXTRA_DENSE_FFN}")
   sparse = set(sparse_layer_indices(num_layers, num_sparse_layers, sparse_placement))
   specs = []
+  if extra_dense_ffn == "random":
+    plain = block_specs(num_layers, num_sparse_layers, sparse_placement, "none", decoder,
+                        self_attention_layer, enc_dec_attention_layer, dense_ffn_layer,
+                        sparse_ffn_layer)
+    chosen = np.random.RandomState(RANDOM_PLACEMENT_SEED).choice(
+        len(plain), size=min(len(sparse), len(plain)), replace=False)
+    for i, (cls, name) in enumerate(plain):
+      specs.append((cls, name))
+      if i in set(chosen.tolist()):
+        block, sublayer = name.split("/", 1)
+        specs.append((dense_ffn_layer, f"{block}/extra_dense_ffn_after_{sublayer}"))
+    return specs
   for block in range(num_layers):
     prefix = "block_{:03d}/".format(block)
     specs.append((self_attention_layer, prefix + "self_attention"))
@@ -171,7 +188,8 @@ def sparse_layer_stack(num_layers=gin.REQUIRED,
     num_layers: blocks in the stack.
     num_sparse_layers: how many of them are sparse.
     sparse_placement: every_nth | bottom | top | middle (see `sparse_layer_indices`).
-    extra_dense_ffn: after | before | both | none: extra dense FFN(s) in each sparse block.
+    extra_dense_ffn: after | before | both | none: extra dense FFN(s) in each sparse block;
+      random: as many extra dense FFNs, each after a sub-layer drawn at random (fixed seed).
     decoder: add encoder-decoder attention to every block (and refuse decoder-unsafe routing).
     self_attention_layer, enc_dec_attention_layer, dense_ffn_layer, sparse_ffn_layer: classes.
     layer_stack_cls: the stack class (its sublayers come from gin, as in mesh's defaults.gin).

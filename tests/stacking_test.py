@@ -111,6 +111,22 @@ class SparseLayerStackTest(absltest.TestCase):
     self.assertEqual([l.name for l in none.layers][-2:],
                      ["block_001/self_attention", "block_001/sparse_ffn"])
 
+  def test_random_extra_dense_ffns(self):
+    # 4 blocks, 2 sparse (1-indexed 2 and 4): 8 plain sub-layers, 2 extra dense FFNs after the
+    # sub-layers numpy's RandomState(0) draws from range(8) without replacement.
+    want_after = set(np.random.RandomState(0).choice(8, size=2, replace=False).tolist())
+    plain = [name for _, name in stacking.block_specs(4, 2, extra_dense_ffn="none")]
+    names = [name for _, name in stacking.block_specs(4, 2, extra_dense_ffn="random")]
+    extra = [i for i, n in enumerate(names) if "extra_dense_ffn" in n]
+    self.assertLen(extra, 2)
+    self.assertEqual([n for n in names if "extra_dense_ffn" not in n], plain)
+    for i in extra:  # each follows the sub-layer it is named after
+      block, sublayer = names[i - 1].split("/", 1)
+      self.assertEqual(names[i], f"{block}/extra_dense_ffn_after_{sublayer}")
+    self.assertEqual({plain.index(names[i - 1]) for i in extra}, want_after)
+    # The same stack every time (a checkpoint must find its variables).
+    self.assertEqual(names, [n for _, n in stacking.block_specs(4, 2, extra_dense_ffn="random")])
+
   def test_gin_scopes_and_upstream_swap(self):
     gin.parse_config(TINY_GIN.format(fn="sparse_layer_stack") + """
 encoder/st_moe.sparse_layer_stack.sparse_ffn_layer = @moe.MoE1D
