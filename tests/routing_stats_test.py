@@ -8,22 +8,30 @@ from st_moe.analysis import routing_stats as rs
 
 
 class TokenClassTest(absltest.TestCase):
+  """The paper's Table 13 categories, on pieces and texts whose classes are known by hand."""
 
-  def test_classes_of_typical_pieces(self):
+  def test_classes_of_single_word_pieces(self):
     cases = {
         "<extra_id_3>": rs.SENTINEL,
         ",": rs.PUNCTUATION,
         "\u2581(": rs.PUNCTUATION,
         "\u25811999": rs.NUMBER,
         "3.14": rs.NUMBER,
-        "\u2581the": rs.FUNCTION_WORD,
-        "\u2581and": rs.FUNCTION_WORD,
-        "\u2581Python": rs.CAPITALIZED,
-        "\u2581The": rs.FUNCTION_WORD,
-        "ing": rs.OTHER,
+        "\u2581seven": rs.NUMBER,
+        "\u2581Seven": rs.NUMBER,
+        "\u2581the": rs.CONJ_ARTICLE,
+        "\u2581and": rs.CONJ_ARTICLE,
+        "\u2581The": rs.CONJ_ARTICLE,
+        "\u2581blue": rs.VISUAL,
+        "\u2581upper": rs.VISUAL,
+        "\u2581returns": rs.VERB,
+        "\u2581identified": rs.VERB,
+        "\u2581falling": rs.VERB,
         "\u2581module": rs.OTHER,
+        "\u2581red_ing": rs.OTHER,  # not alphabetic: no suffix rule
         "\u2581": rs.OTHER,
         "a2b": rs.OTHER,
+        "</s>": rs.OTHER,
     }
     for piece, expected in cases.items():
       self.assertEqual(rs.token_class(piece), expected, piece)
@@ -31,14 +39,43 @@ class TokenClassTest(absltest.TestCase):
   def test_sentinel_flag_wins(self):
     self.assertEqual(rs.token_class("\u2581the", is_sentinel=True), rs.SENTINEL)
 
-  def test_function_word_needs_word_start_or_lower_case(self):
-    # A lower-case piece spelling a function word counts as one with or without the word-start
-    # mark ("in" inside "Begin" is indistinguishable from the word); an upper-case piece counts
-    # only at a word start ("▁IN"), mid-word ("IN" in "BEGIN") it is a capitalised piece.
-    self.assertEqual(rs.token_class("▁in"), rs.FUNCTION_WORD)
-    self.assertEqual(rs.token_class("in"), rs.FUNCTION_WORD)
-    self.assertEqual(rs.token_class("▁IN"), rs.FUNCTION_WORD)
-    self.assertEqual(rs.token_class("IN"), rs.CAPITALIZED)
+  def test_capitalised_word_is_a_name_only_inside_a_sentence(self):
+    self.assertEqual(rs.token_class("\u2581Python", sentence_start=True), rs.OTHER)
+    self.assertEqual(rs.token_class("\u2581Python", sentence_start=False), rs.PROPER_NAME)
+    # A list word keeps its class wherever it stands, capitalised or not.
+    self.assertEqual(rs.token_class("\u2581And", sentence_start=False), rs.CONJ_ARTICLE)
+
+  def test_running_text(self):
+    # "Returns the theory of Mikhail in 37 <extra_id_0>. Seven blue" as SentencePiece might split it.
+    pieces = ["\u2581Returns", "\u2581the", "\u2581the", "ory", "\u2581of", "\u2581Mi", "khail",
+              "\u2581in", "\u258137", "<extra_id_0>", ".", "\u2581Seven", "\u2581blue"]
+    expected = [
+        rs.VERB,  # a list verb, even at the sentence start
+        rs.CONJ_ARTICLE,
+        rs.OTHER, rs.OTHER,  # "theory": the word is classified, not its first piece
+        rs.OTHER,  # "of": a preposition, not a conjunction
+        rs.PROPER_NAME, rs.PROPER_NAME,  # both pieces of a capitalised word inside a sentence
+        rs.OTHER, rs.NUMBER, rs.SENTINEL, rs.PUNCTUATION, rs.NUMBER, rs.VISUAL,
+    ]
+    got = [rs.TOKEN_CLASSES[c] for c in rs.classify_tokens(pieces)]
+    self.assertEqual(got, expected)
+
+  def test_sentence_start_after_full_stop_not_after_comma(self):
+    pieces = ["\u2581x", ".", "\u2581Then", "\u2581y", ",", "\u2581Then"]
+    got = [rs.TOKEN_CLASSES[c] for c in rs.classify_tokens(pieces)]
+    self.assertEqual(got[2], rs.OTHER)  # starts a sentence
+    self.assertEqual(got[5], rs.PROPER_NAME)  # inside one
+
+  def test_sentinel_mask_marks_sentinels(self):
+    got = rs.classify_tokens(["\u2581the", "\u2581the"], sentinel_mask=[False, True])
+    self.assertEqual([rs.TOKEN_CLASSES[c] for c in got], [rs.CONJ_ARTICLE, rs.SENTINEL])
+
+  def test_mean_entropy_where(self):
+    probs = np.array([[0.5, 0.5], [1.0, 0.0], [0.5, 0.5]])
+    self.assertAlmostEqual(rs.mean_entropy_where(probs, [True, False, True]), math.log(2),
+                           places=12)
+    self.assertAlmostEqual(rs.mean_entropy_where(probs, [False, True, False]), 0.0, places=12)
+    self.assertIsNone(rs.mean_entropy_where(probs, [False, False, False]))
 
 
 class StatsTest(absltest.TestCase):
@@ -79,8 +116,8 @@ class StatsTest(absltest.TestCase):
     shares = rs.class_shares(counts)
     np.testing.assert_allclose(shares[:3].sum(axis=1), 1.0)
     np.testing.assert_allclose(shares[3], 0.0)  # idle expert
-    np.testing.assert_allclose(shares[1], [0, 2 / 3, 0, 0, 0, 1 / 3])
-    np.testing.assert_allclose(rs.base_rates(classes), [1 / 6, 1 / 2, 0, 0, 0, 1 / 3])
+    np.testing.assert_allclose(shares[1], [0, 2 / 3, 0, 0, 0, 1 / 3, 0, 0])
+    np.testing.assert_allclose(rs.base_rates(classes), [1 / 6, 1 / 2, 0, 0, 0, 1 / 3, 0, 0])
 
   def test_specialized_experts(self):
     # 100 tokens: 10% sentinels overall; expert 0 takes 9 sentinels of its 10 tokens.

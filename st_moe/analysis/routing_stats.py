@@ -16,62 +16,150 @@ import unicodedata
 
 import numpy as np
 
+# The paper's Table 13 categories (encoder expert specialisation), then everything else. Without a
+# part-of-speech tagger, verbs, proper names and visual descriptions are told by word lists and
+# spelling (see word_class): a heuristic, stated as such wherever the categories are reported.
 SENTINEL = "sentinel"
 PUNCTUATION = "punctuation"
+CONJ_ARTICLE = "conjunction or article"
+VERB = "verb"
+VISUAL = "visual description"
+PROPER_NAME = "proper name"
 NUMBER = "number"
-CAPITALIZED = "capitalized word"
-FUNCTION_WORD = "function word"
-OTHER = "other word piece"
-TOKEN_CLASSES = (SENTINEL, PUNCTUATION, NUMBER, CAPITALIZED, FUNCTION_WORD, OTHER)
+OTHER = "other"
+TOKEN_CLASSES = (SENTINEL, PUNCTUATION, CONJ_ARTICLE, VERB, VISUAL, PROPER_NAME, NUMBER, OTHER)
 
-# Articles, conjunctions, prepositions, pronouns, auxiliaries and other closed-class English words.
-FUNCTION_WORDS = frozenset("""
-a an the and or but nor so yet for if then than that though although because while whereas
-unless until since as of in on at by to from with without within into onto upon over under
-about above below between among through during before after against along across around
-beyond near off out up down via per is are was were be been being am do does did done have
-has had having will would shall should can could may might must not no it its it's this these
-those there here which who whom whose what where when why how i me my we us our you your he
-him his she her they them their all any each every some such other another both either neither
-one also only just very too more most much many few own same
+# Articles and conjunctions (coordinating and the common subordinating ones): Table 13's
+# "the / a / and / or".
+CONJ_ARTICLE_WORDS = frozenset("""
+a an the and or but nor yet so either neither both whether if because although though while
+whereas unless until since
 """.split())
+# Written numbers (Table 13's "Seven, two" beside "37, 19.").
+NUMBER_WORDS = frozenset("""
+zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen
+sixteen seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety hundred
+thousand million billion first second third fourth fifth once twice half
+""".split())
+# Colour and spatial position (Table 13's "dark, upper, blue, inner, yellow, bright").
+VISUAL_WORDS = frozenset("""
+red green blue yellow orange purple violet pink brown black white grey gray dark bright light
+colour color upper lower inner outer top bottom left right middle center centre front back
+above below beside vertical horizontal diagonal
+""".split())
+# Common verbs that neither suffix rule finds (auxiliaries, irregular pasts, docstring verbs).
+VERB_WORDS = frozenset("""
+is are was were be been am do does did done have has had can could may might must shall should
+will would get gets got make makes made take takes took give gives gave go goes went see sees saw
+use uses return returns raise raises call calls set sets find finds found run runs ran
+""".split())
+_VERB_SUFFIXES = ("ed", "ing")
+_SENTENCE_END = (".", "!", "?", ":")
+_CONTROL = frozenset(["</s>", "<s>", "<unk>", "<pad>"])
 
 _SENTINEL_RE = re.compile(r"^<extra_id_\d+>$")
 _WORD_START = "\u2581"  # SentencePiece's word-boundary marker.
 
 
-def token_class(piece, is_sentinel=False):
-  """Class of one vocabulary piece.
+def _is_punctuation(text):
+  return all(unicodedata.category(c).startswith(("P", "S")) for c in text)
 
-  Args:
-    piece: the token's text as the vocabulary spells it (SentencePiece pieces may start with "▁").
-    is_sentinel: whether the id is one of the span-corruption sentinels (extra ids).
 
-  Returns:
-    one of TOKEN_CLASSES.
+def _is_numeral(text):
+  return any(c.isdigit() for c in text) and all(c.isdigit() or c in ".,:/-" for c in text)
+
+
+def word_class(word, sentence_start=True):
+  """Class of one whole word (pieces joined, no word-start mark), given whether a sentence starts
+  with it.
+
+  conjunction or article, number (digits or written), visual description and verb by word lists;
+  a verb also by its suffix (a lower-case word of 5 or more letters ending in -ed or -ing); a proper
+  name is a capitalised word that does not start a sentence ("Python" in "written in Python", not
+  "Returns" at the start of a docstring). Everything else is OTHER.
   """
-  if is_sentinel or _SENTINEL_RE.match(piece):
-    return SENTINEL
-  text = piece.replace(_WORD_START, "").strip()
-  if not text:
+  if not word:
     return OTHER
-  if all(unicodedata.category(c).startswith(("P", "S")) for c in text):
+  if _is_punctuation(word):
     return PUNCTUATION
-  if any(c.isdigit() for c in text) and all(c.isdigit() or c in ".,:/-" for c in text):
+  if _is_numeral(word):
     return NUMBER
-  if text.lower() in FUNCTION_WORDS and (piece.startswith(_WORD_START) or text.islower()):
-    return FUNCTION_WORD
-  if text[0].isupper():
-    return CAPITALIZED
+  lower = word.lower()
+  if word.islower() or word == word.capitalize() or word.isupper():
+    for words, name in ((CONJ_ARTICLE_WORDS, CONJ_ARTICLE), (NUMBER_WORDS, NUMBER),
+                        (VISUAL_WORDS, VISUAL), (VERB_WORDS, VERB)):
+      if lower in words:
+        return name
+  if word.isalpha() and word.islower() and len(word) >= 5 and word.endswith(_VERB_SUFFIXES):
+    return VERB
+  if word[0].isupper() and word.isalpha() and not sentence_start:
+    return PROPER_NAME
   return OTHER
 
 
+def token_class(piece, is_sentinel=False, sentence_start=True):
+  """Class of one vocabulary piece read as a whole word (classify_tokens joins a word's pieces)."""
+  if is_sentinel or _SENTINEL_RE.match(piece):
+    return SENTINEL
+  if piece in _CONTROL:
+    return OTHER
+  return word_class(piece.replace(_WORD_START, "").strip(), sentence_start)
+
+
+def _words(pieces, sentinel_mask):
+  """[(first, end)] piece ranges of the words in `pieces`: a word starts at a piece with the
+  word-start mark, or at any piece after a sentinel, control piece or punctuation piece, and runs
+  over the pieces that follow it without one; sentinels, control and punctuation pieces stand
+  alone."""
+  spans = []
+  for i, piece in enumerate(pieces):
+    text = piece.replace(_WORD_START, "").strip()
+    alone = (sentinel_mask[i] or _SENTINEL_RE.match(piece) or piece in _CONTROL or not text
+             or _is_punctuation(text))
+    joins = (spans and not alone and not piece.startswith(_WORD_START)
+             and not spans[-1][2])
+    if joins:
+      spans[-1][1] = i + 1
+    else:
+      spans.append([i, i + 1, bool(alone)])
+  return [(a, b) for a, b, _ in spans]
+
+
 def classify_tokens(pieces, sentinel_mask=None):
-  """<int32>[N] class index into TOKEN_CLASSES for each piece."""
+  """<int32>[N] class index into TOKEN_CLASSES for each piece of a running text.
+
+  The pieces are read in order as text: each word's pieces are joined and the word classified
+  (word_class), and all its pieces get its class, so "▁Mi" "khail" are both a proper name and "▁the"
+  "ory" ("theory") is not an article. A sentence starts at the first piece, after ". ! ? :", after a
+  sentinel and after a control piece such as "</s>".
+  """
   if sentinel_mask is None:
     sentinel_mask = [False] * len(pieces)
-  return np.array([TOKEN_CLASSES.index(token_class(p, s))
-                   for p, s in zip(pieces, sentinel_mask)], dtype=np.int32)
+  classes = np.zeros(len(pieces), dtype=np.int32)
+  sentence_start = True
+  for first, end in _words(pieces, sentinel_mask):
+    piece = pieces[first]
+    if end - first == 1:
+      name = token_class(piece, bool(sentinel_mask[first]), sentence_start)
+    else:
+      word = "".join(p.replace(_WORD_START, "") for p in pieces[first:end]).strip()
+      name = word_class(word, sentence_start)
+    classes[first:end] = TOKEN_CLASSES.index(name)
+    last = pieces[end - 1].replace(_WORD_START, "").strip()
+    if name == SENTINEL or piece in _CONTROL:
+      sentence_start = True
+    elif last:
+      sentence_start = last.endswith(_SENTENCE_END) and name == PUNCTUATION
+  return classes
+
+
+def mean_entropy_where(router_probs, mask):
+  """Mean router entropy over the tokens where `mask` holds (Table 14 uses sentinel tokens only);
+  None when no token does."""
+  mask = np.asarray(mask, dtype=bool)
+  if not mask.any():
+    return None
+  return mean_router_entropy(np.asarray(router_probs)[mask])
 
 
 def entropy(p, axis=-1):

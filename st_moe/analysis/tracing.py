@@ -282,6 +282,9 @@ def analyse(layer: LayerTrace, vocabulary, top_n=6):
       "sequence_length": layer.sequence_length,
       "uniform_entropy": rs.uniform_entropy(layer.num_experts),
       "router_entropy": rs.mean_router_entropy(layer.router_probs),
+      # Table 14's measure: the router entropy of the span-corruption sentinels only.
+      "sentinel_router_entropy": rs.mean_entropy_where(layer.router_probs, sentinels),
+      "num_sentinels": int(np.sum(sentinels)),
       "load_entropy": rs.load_entropy(top1, layer.num_experts),
       "fraction_dropped": rs.dropped_fraction(layer.kept),
       "expert_load": rs.expert_load(top1, layer.num_experts).tolist(),
@@ -308,15 +311,20 @@ def write_report(summaries, out_dir, title="Routing trace"):
     json.dump(summaries, f, indent=1)
   rows = []
   for s in summaries:
-    rows.append([_short(s["name"]), s["num_tokens"], s["router_entropy"], s["uniform_entropy"],
+    rows.append([_short(s["name"]), s["num_tokens"], s["router_entropy"],
+                 s.get("sentinel_router_entropy"), s["uniform_entropy"],
                  s["load_entropy"], 100 * s["fraction_dropped"], len(s["specialized"])])
   lines = [f"### {title}", "",
            "Router entropy: mean over tokens of the entropy of the router's distribution over "
-           "experts (nats; the paper's measure, bounded by ln E). Load entropy: entropy of how "
-           "tokens spread over experts by first choice.", "",
+           "experts (nats, bounded by ln E), over all tokens and over the span-corruption "
+           "sentinels only (the paper's Table 14 measures sentinels). Load entropy: entropy of how "
+           "tokens spread over experts by first choice. Token classes are the paper's Table 13 "
+           "categories; verbs, proper names and visual descriptions are told by word lists and "
+           "spelling, not by a tagger (st_moe.analysis.routing_stats.word_class).", "",
            reporting.markdown_table(
-               ["sparse layer", "tokens", "router entropy", "ln E", "load entropy",
-                "dropped %", "specialised experts"], rows)]
+               ["sparse layer", "tokens", "router entropy (all tokens)",
+                "router entropy (sentinels)", "ln E", "load entropy", "dropped %",
+                "specialised experts"], rows)]
   for i, s in enumerate(summaries):
     png = f"layer_{i:02d}_{s['stack']}_classes.png"
     reporting.plot_routing_heatmap(
