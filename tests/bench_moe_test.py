@@ -46,6 +46,21 @@ class BenchMoeTest(absltest.TestCase):
       # own capacity, so this also holds only if both layers buffer the same tokens.
       self.assertGreater(r["output_max_abs"], 1e-3)
       self.assertLess(r["max_abs_diff"], 1e-5 * max(1.0, r["output_max_abs"]))
+      self.assertEqual(r["tokens_over_1pct"], 0.0)
+
+  def test_bfloat16_grid_and_agreement_by_hand(self):
+    from st_moe.experiments import bench_layer  # pylint: disable=g-import-not-at-top
+    # 1 + 2^-8 lies halfway between the bfloat16 neighbours 1 and 1 + 2^-7: to even, 1.0;
+    # 1 + 3 x 2^-8 halfway between 1 + 2^-7 and 1 + 2^-6: to even, 1 + 2^-6. 3.0 is exact.
+    got = bench_layer.to_bfloat16_grid([1 + 2 ** -8, 1 + 3 * 2 ** -8, 3.0, -1 - 2 ** -8])
+    self.assertEqual(got.tolist(), [1.0, 1 + 2 ** -6, 3.0, -1.0])
+    # Three tokens of norm 5 (3, 4): off by 0, by 0.25 (5%) and by 1.0 (20%).
+    upstream = [[3.0, 4.0], [3.0, 4.0], [3.0, 4.0]]
+    ours = [[3.0, 4.0], [3.0, 4.25], [4.0, 4.0]]
+    found = bench_layer.agreement(ours, upstream)
+    self.assertEqual(found["max_abs_diff"], 1.0)
+    self.assertAlmostEqual(found["tokens_over_1pct"], 2 / 3)
+    self.assertAlmostEqual(found["tokens_over_10pct"], 1 / 3)
 
   def test_bad_setting_is_named(self):
     proc = run_tool("bench_moe.py", "--experts=1", *TINY)

@@ -6,17 +6,20 @@ Bookkeeping without training (skipping, stable and diverged rows) is in jobs_tes
 """
 import csv
 import os
+import re
 import subprocess
 import sys
 import tempfile
 
 from absl.testing import absltest
 import numpy as np
+from st_moe.analysis import routing_stats
 
 from st_moe.experiments import jobs
 from st_moe.experiments import runner
 from st_moe.experiments import tables
 from st_moe.experiments.tables import common
+from st_moe.experiments.tables import entropy
 from st_moe.experiments.tables import sparse_vs_dense
 from st_moe.experiments.tables import stability
 
@@ -53,6 +56,11 @@ class TablesTest(absltest.TestCase):
     cls.entropy_md = tables.run_table("entropy", config, show=cls.entropy_lines.append)
     cls.svd_lines = []
     cls.svd_md = tables.run_table("sparse_vs_dense", config, show=cls.svd_lines.append)
+    # Table 17: reuses the two runs above (dense twin, default model); trains its two bias runs
+    # side by side.
+    cls.bias_lines = []
+    bias_config = common.Config(out=cls.out, jobs=2, **SMALL)
+    cls.bias_md = tables.run_table("expert_bias", bias_config, show=cls.bias_lines.append)
 
   def _csv(self, table):
     with open(os.path.join(self.out, table, f"{table}.csv")) as f:
@@ -64,9 +72,13 @@ class TablesTest(absltest.TestCase):
   def _check_md_png(self, table, png):
     with open(os.path.join(self.out, table, f"{table}.md")) as f:
       md = f.read()
-    lines = [l for l in md.splitlines() if l.startswith("|")]
-    self.assertGreaterEqual(len(lines), 3)
-    self.assertEqual(len({l.count("|") for l in lines}), 1, md)
+    blocks = [b.splitlines() for b in re.split(r"\n(?!\|)[^\n]*", "\n" + md)]
+    tables = [[l for l in b if l.startswith("|")] for b in blocks]
+    tables = [t for t in tables if t]
+    self.assertNotEmpty(tables)
+    for lines in tables:  # each markdown table: a header, its rule and rows, all as wide
+      self.assertGreaterEqual(len(lines), 3, md)
+      self.assertEqual(len({l.count("|") for l in lines}), 1, md)
     with open(os.path.join(self.out, table, png), "rb") as f:
       self.assertEqual(f.read(8), PNG_MAGIC)
     with open(os.path.join(self.out, table, f"{table}_commands.md")) as f:
@@ -137,11 +149,41 @@ class TablesTest(absltest.TestCase):
       self.assertEqual(row["stable runs"], "1/1")
       self.assertEqual(float(row["NLP (paper, L scale)"]), sparse_vs_dense.PAPER[model])
     capacity_quality = float(dict(zip(*self._csv("capacity")[:2]))["quality"])
-    self.assertAlmostEqual(float(cells["sparse"]["validation NLP (ours)"]), capacity_quality, 3)
+    # The capacity table rounds to 3 digits: up to 0.0005 apart.
+    self.assertAlmostEqual(float(cells["sparse"]["validation NLP (ours)"]), capacity_quality,
+                           delta=0.0005 + 1e-9)
     with open(self.svd_md) as f:
       self.assertIn("spread unknown (one seed per model)", f.read())
     commands = self._check_md_png("sparse_vs_dense", "sparse_vs_dense.png")
     self.assertIn("--gin_file=dense_tiny.gin", commands)
+
+  def test_expert_bias_table(self):
+    trained = [l for l in self.bias_lines if "training steps" in l]
+    self.assertLen(trained, 2, self.bias_lines)  # only the two bias runs are new
+    self.assertTrue(all("bias_seed0" in l for l in trained), trained)
+    rows = self._csv("expert_bias")
+    header, body = rows[0], rows[1:]
+    self.assertEqual(header[:5], ["model", "NLP (ours)", "NLP (paper)",
+                                  "gain over baseline (ours)", "gain over baseline (paper)"])
+    cells = {r[0]: dict(zip(header, r)) for r in body}
+    self.assertEqual(list(cells), ["Dense baseline", "Sparse baseline",
+                                   "Sparse + additive bias (zeros)",
+                                   "Sparse + multiplicative bias (ones)"])
+    # The paper's Table 17 and its gains over the sparse baseline (-1.369).
+    self.assertEqual(float(cells["Sparse + additive bias (zeros)"]["NLP (paper)"]), -1.371)
+    self.assertAlmostEqual(
+        float(cells["Sparse + multiplicative bias (ones)"]["gain over baseline (paper)"]), 0.008)
+    # Ours: the sparse baseline row is the capacity table's run, evaluated at eval CF 2.0.
+    capacity_rows = self._csv("capacity")
+    at_2 = [r for r in capacity_rows[1:] if r[0] == "1.25" and r[1] == "2.0"][0]
+    self.assertEqual(cells["Sparse baseline"]["NLP (ours)"], at_2[2])
+    gain = float(cells["Sparse + additive bias (zeros)"]["gain over baseline (ours)"])
+    self.assertAlmostEqual(gain, float(cells["Sparse + additive bias (zeros)"]["NLP (ours)"])
+                           - float(at_2[2]), delta=0.0011)  # both NLPs rounded to 3 digits
+    self.assertEqual(cells["Sparse baseline"]["effect / seed spread (ours)"], "")  # one seed
+    self.assertEqual(cells["Sparse + additive bias (zeros)"]["stable runs"], "1/1")
+    commands = self._check_md_png("expert_bias", "expert_bias.png")
+    self.assertIn("st_moe.SparseFFN.additive_bias = True", commands)
 
   def test_entropy_table_reuses_capacity_run_and_trace(self):
     self.assertLen([l for l in self.capacity_lines if "training steps" in l], 1)
@@ -150,21 +192,36 @@ class TablesTest(absltest.TestCase):
                      [])
     rows = self._csv("entropy")
     header, body = rows[0], rows[1:]
-    self.assertEqual(header[:3], ["sparse layer", "encoder (ours)", "decoder (ours)"])
+    self.assertEqual(header[:5], ["sparse layer", "encoder sentinels (ours)",
+                                  "encoder all tokens (ours)", "decoder sentinels (ours)",
+                                  "decoder all tokens (ours)"])
     bound = body[-1]
     self.assertEqual(bound[0], "uniform bound (ln E)")
     self.assertAlmostEqual(float(bound[1]), np.log(4), places=3)
-    self.assertAlmostEqual(float(bound[3]), np.log(32), places=2)
-    ours = [float(r[c]) for r in body[:-1] for c in (1, 2) if r[c]]
-    self.assertLen(ours, 4)  # st_moe_tiny: 2 sparse layers per stack
+    self.assertAlmostEqual(float(bound[5]), np.log(32), places=2)
+    ours = [float(r[c]) for r in body[:-1] for c in (1, 2, 3, 4) if r[c]]
+    self.assertLen(ours, 8)  # st_moe_tiny: 2 sparse layers per stack, sentinels and all tokens
     for value in ours:
       self.assertBetween(value, 0.0, np.log(4) + 1e-6)
     traced = jobs.read_json(os.path.join(self.out, "runs", "default_cf1.25_seed0", "trace_cf2",
                                          "routing.json"))
-    self.assertEqual(float(body[0][1]), round(traced[0]["router_entropy"], 3))
+    self.assertGreater(traced[0]["num_sentinels"], 0)
+    self.assertLess(traced[0]["num_sentinels"], traced[0]["num_tokens"])
+    # Table 14's column is the sentinel entropy, the next one all tokens'.
+    self.assertEqual(float(body[0][1]), round(traced[0]["sentinel_router_entropy"], 3))
+    self.assertEqual(float(body[0][2]), round(traced[0]["router_entropy"], 3))
     # The paper's first encoder layer over ln 32: 2.2 / 3.466 = 0.63; its decoder 3.4 / 3.466 = 0.98.
-    self.assertTrue(body[0][5].endswith("/ 0.63"), body[0])
-    self.assertTrue(body[0][6].endswith("/ 0.98"), body[0])
+    self.assertTrue(body[0][7].endswith("/ 0.63"), body[0])
+    self.assertTrue(body[0][8].endswith("/ 0.98"), body[0])
+    with open(os.path.join(self.out, "entropy", "entropy.md")) as f:
+      md = f.read()
+    self.assertIn("## Table 13: encoder expert specialisation", md)
+    # One row per paper category, with the layers the paper's Table 13 names.
+    for category, paper_layers in (("sentinel", "1, 4, 6"), ("punctuation", "2, 6"),
+                                   ("conjunction or article", "3, 6"), ("verb", "1"),
+                                   ("proper name", "1"), ("number", "1")):
+      self.assertRegex(md, rf"\| {category} \|[^\n]*\| {paper_layers} \|")
+    self.assertTrue(os.path.getsize(os.path.join(self.out, "entropy", "specialisation.png")) > 0)
     self._check_md_png("entropy", "entropy.png")
 
   def test_rerun_skips_finished_runs(self):
@@ -223,6 +280,51 @@ class SparseVsDenseArithmeticTest(absltest.TestCase):
     self.assertIn("under 3 standard deviations", sparse_vs_dense.verdict(0.05, 0.02))
     self.assertIn("NOT better", sparse_vs_dense.verdict(-0.01, 0.02))
     self.assertIn("spread unknown", sparse_vs_dense.verdict(0.1, None))
+
+
+class EntropyTablesArithmeticTest(absltest.TestCase):
+  """Tables 13 and 14 from hand-made traced layers (tracing.analyse's keys)."""
+
+  @staticmethod
+  def _layer(stack, sentinel_entropy, entropy, specialized=(), shares=None, rates=None):
+    n = len(routing_stats.TOKEN_CLASSES)
+    return {"stack": stack, "uniform_entropy": float(np.log(4)), "num_experts": 4,
+            "router_entropy": entropy, "sentinel_router_entropy": sentinel_entropy,
+            "num_sentinels": 3,
+            "specialized": [dict(zip(("expert", "class", "share", "base_rate"), s))
+                            for s in specialized],
+            "class_shares": shares or [[1.0 / n] * n] * 4, "base_rates": rates or [1.0 / n] * n}
+
+  def test_sentinel_and_all_token_columns_per_stack(self):
+    seeds = [[self._layer("encoder", 0.5, 1.0), self._layer("decoder", None, 1.2)],
+             [self._layer("encoder", 0.7, 1.1), self._layer("decoder", 0.9, 1.3)]]
+    first = entropy.rows(seeds)[0]
+    # Encoder sentinels: 0.5 and 0.7 -> 0.60 +- 0.14 (sample std sqrt(0.02)); all tokens 1.05.
+    self.assertEqual(first[:3], [1, "0.60 +- 0.14", "1.05 +- 0.07"])
+    # A seed with no decoder sentinel leaves that seed out: one value, no spread.
+    self.assertEqual(first[3], 0.9)
+    self.assertEqual(first[7], f"{0.6 / np.log(4):.2f} / 0.63")
+
+  def test_specialisation_names_strongest_expert_and_counts_seeds(self):
+    seed0 = [self._layer("encoder", 0.5, 1.0, specialized=[(2, "number", 0.4, 0.1),
+                                                           (3, "number", 0.6, 0.1)]),
+             self._layer("decoder", 0.5, 1.0, specialized=[(1, "verb", 0.9, 0.1)])]
+    seed1 = [self._layer("encoder", 0.5, 1.0), self._layer("decoder", 0.5, 1.0)]
+    found, encoder_layers = entropy.specialisation_rows([seed0, seed1])
+    self.assertEqual(encoder_layers, 1)
+    rows = {r[0]: r[1:] for r in found}
+    self.assertEqual(rows["number"], ["1/2 seeds; expert 3: 60% vs 10%", "1"])
+    self.assertEqual(rows["verb"], ["-", "1"])  # a decoder specialist is not Table 13's
+    self.assertEqual(rows["sentinel"], ["-", "1, 4, 6"])
+
+  def test_enrichment_grid(self):
+    n = len(routing_stats.TOKEN_CLASSES)
+    rates = [0.0] + [1.0 / (n - 1)] * (n - 1)  # no sentinel was traced
+    shares = [[0.0] * n for _ in range(4)]
+    shares[1][1] = 3.0 / (n - 1)  # expert 1: 3x the punctuation base rate
+    grid = entropy.enrichment_grid([self._layer("encoder", None, 1.0, shares=shares, rates=rates)])
+    self.assertTrue(np.isnan(grid[0][0]))  # no sentinel traced: a blank cell
+    self.assertAlmostEqual(grid[1][0], 3.0)
 
 
 class SameSeedSameRunTest(absltest.TestCase):

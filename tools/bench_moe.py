@@ -36,6 +36,10 @@ flags.DEFINE_enum("dispatch", "gather", ["einsum", "gather"], "Our layer's dispa
 flags.DEFINE_enum("update", "fused", ["fused", "mtf"],
                   "SGD update: TF's fused in-place kernel on each slice, or mtf.optimize."
                   "SgdOptimizer (out of place: three passes over the parameters).")
+flags.DEFINE_bool("router_on_bfloat16_grid", False,
+                  "Agreement check: round the router kernel to bfloat16 values in both layers first "
+                  "(upstream's router rounds its kernel to the activation dtype, ours keeps it in "
+                  "float32; with --dtype=bfloat16 this separates that difference from the rest).")
 flags.DEFINE_integer("inter_op_threads", 0, "Session inter-op threads (0: TF's default).")
 flags.DEFINE_bool("json", False, "Print one JSON object per configuration.")
 flags.DEFINE_bool("profile", False, "Print (to stderr) where each layer's step spends its time: "
@@ -79,7 +83,8 @@ def main(argv):
     result, _ = bench_layer.run_config(cfg, FLAGS.impls, FLAGS.warmup, FLAGS.reps,
                                        check_agreement=FLAGS.check_agreement,
                                        profile=FLAGS.profile,
-                                       inter_op_threads=FLAGS.inter_op_threads)
+                                       inter_op_threads=FLAGS.inter_op_threads,
+                                       router_on_bfloat16_grid=FLAGS.router_on_bfloat16_grid)
     if FLAGS.json:
       print(json.dumps(result), flush=True)
       continue
@@ -90,7 +95,10 @@ def main(argv):
     if "speedup" in result:
       line += f"  speedup {result['speedup']:.2f}x"
     if "max_abs_diff" in result:
-      line += f"  max|ours-upstream| {result['max_abs_diff']:.1e}"
+      line += (f"  max|ours-upstream| {result['max_abs_diff']:.1e} (outputs up to "
+               f"{result['output_max_abs']:.2g}); tokens off by >1%: "
+               f"{100 * result['tokens_over_1pct']:.2f}%, >10%: "
+               f"{100 * result['tokens_over_10pct']:.2f}%")
     print(line, flush=True)
 
 

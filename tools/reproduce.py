@@ -1,10 +1,13 @@
-"""Reproduce the paper's tables (ST-MoE, arXiv 2202.08906): stability study, capacity, entropy,
-sparse against dense.
+"""Reproduce the paper's tables (ST-MoE, arXiv 2202.08906): stability study, capacity, entropy
+(Tables 13 and 14), sparse against dense, top_k (Table 8), dense_ffn (Table 16), expert_bias
+(Table 17).
 
   python tools/reproduce.py stability --scale=tiny --seeds=3 --out=reproduction_out
   python tools/reproduce.py capacity  --scale=tiny --out=reproduction_out
   python tools/reproduce.py entropy   --scale=tiny --out=reproduction_out
   python tools/reproduce.py sparse_vs_dense --scale=small --out=reproduction_out
+  python tools/reproduce.py expert_bias --scale=small --seeds=3 --out=reproduction_out
+  python tools/reproduce.py top_k --scale=small --out=reproduction_out
   python tools/reproduce.py stability --scale=l --tpu=NAME --gcp_project=P --tpu_zone=Z \
       --out=gs://bucket/repro --steps=... (TPU pod; --tpu* flags go to t5_mesh_transformer)
 

@@ -274,6 +274,40 @@ def plot_entropy_bars(series, path, title, errors=None, ylabel="router entropy /
   return _save(fig, path)
 
 
+def plot_rows(labels, series, path, title, xlabel="value"):
+  """One row per label, each series' value as a point with its error bar (e.g. mean +- std over
+  seeds): a table's rows side by side when the values are close (NLPs a few hundredths apart).
+
+  Args:
+    labels: R row labels, top to bottom.
+    series: {name: ([value or None per row], [error or None per row])}; None leaves no point.
+    path: output file (.png, local or gs://).
+    title: the figure's title.
+  """
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(8.0, max(2.2, 0.38 * len(labels) + 1.2)), dpi=110)
+  y = np.arange(len(labels))[::-1]
+  offsets = np.linspace(-0.15, 0.15, len(series)) if len(series) > 1 else [0.0]
+  for offset, (name, (values, errors)) in zip(offsets, series.items()):
+    keep = [i for i, v in enumerate(values) if v is not None]
+    if not keep:
+      continue
+    xs = np.asarray([values[i] for i in keep], dtype=np.float64)
+    err = np.asarray([errors[i] or 0.0 for i in keep], dtype=np.float64)
+    ax.errorbar(xs, y[keep] + offset, xerr=err, fmt="o", capsize=3, label=name)
+    for x, yy in zip(xs, y[keep] + offset):
+      ax.annotate(f"{x:.3f}", (x, yy), textcoords="offset points", xytext=(0, 6), fontsize=7,
+                  ha="center")
+  ax.set_yticks(y, labels=labels, fontsize=8)
+  ax.set_xlabel(xlabel, fontsize=8)
+  ax.grid(axis="x", alpha=0.3)
+  if len(series) > 1:
+    ax.legend(fontsize=7)
+  ax.set_title(title, fontsize=10)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
 def plot_routing_heatmap(shares, base_rates, class_names, path, title):
   """Each expert's first-choice tokens split by class, above the row of all tokens (base rates).
 

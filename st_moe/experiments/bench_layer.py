@@ -213,17 +213,47 @@ def _print_profile(name, cfg, by_type, by_node, top=15):
     print(f"{ms:9.1f}  {node}", file=out)
 
 
-def _load_weights(sessions, variables):
-  """Copies upstream's router and expert weights and input into ours (names mapped)."""
+def to_bfloat16_grid(value):
+  """numpy float32 values rounded to the nearest bfloat16 (round to nearest even), as float32."""
+  bits = np.asarray(value, dtype=np.float32).view(np.uint32).astype(np.uint64)
+  rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+  return rounded.astype(np.uint32).view(np.float32)
+
+
+def _load_weights(sessions, variables, router_on_bfloat16_grid=False):
+  """Copies upstream's router and expert weights and input into ours (names mapped).
+
+  router_on_bfloat16_grid: first rounds the router kernel to bfloat16 values in both layers.
+  Upstream's router (mtf.layers.dense with the model's VariableDType) casts its kernel to the
+  activation dtype and back before its float32 product, ours keeps the float32 kernel; on the
+  bfloat16 grid the two products are the same, so what then still differs is not the router.
+  """
   up_sess, up_vars = sessions["upstream"][0], variables["upstream"]
   ours_sess, ours_vars = sessions["ours"][0], variables["ours"]
   for ours_name, up_name in WEIGHT_NAMES.items():
     value = up_sess.run(up_vars[up_name].get_master())
+    if router_on_bfloat16_grid and ours_name == "layer/router/kernel":
+      value = to_bfloat16_grid(value)
+      up_vars[up_name].get_master().load(value, up_sess)
     ours_vars[ours_name].get_master().load(value, ours_sess)
 
 
+def agreement(ours, upstream):
+  """How far two layers' outputs on the same tokens differ: the largest absolute difference, and
+  the fractions of tokens whose difference (L2 over d_model) exceeds 1% and 10% of upstream's
+  output norm for that token."""
+  ours = np.asarray(ours, np.float64).reshape(-1, np.shape(ours)[-1])
+  upstream = np.asarray(upstream, np.float64).reshape(-1, np.shape(upstream)[-1])
+  diff = np.linalg.norm(ours - upstream, axis=-1)
+  norm = np.maximum(np.linalg.norm(upstream, axis=-1), 1e-30)
+  return {"max_abs_diff": float(np.abs(ours - upstream).max()),
+          "output_max_abs": float(np.abs(upstream).max()),
+          "tokens_over_1pct": float(np.mean(diff > 0.01 * norm)),
+          "tokens_over_10pct": float(np.mean(diff > 0.1 * norm))}
+
+
 def run_config(cfg, impls, warmup, reps, check_agreement=True, measure_memory=True,
-               profile=False, inter_op_threads=0):
+               profile=False, inter_op_threads=0, router_on_bfloat16_grid=False):
   """Times each impl on `cfg`, alternating; returns (results dict, outputs on equal weights).
 
   With check_agreement and both layers, ours gets upstream's weights and input first, and the
@@ -242,7 +272,7 @@ def run_config(cfg, impls, warmup, reps, check_agreement=True, measure_memory=Tr
       variables[name] = {v.name: v for v in graph.all_variables}
   agree = check_agreement and "ours" in impls and "upstream" in impls
   if agree:
-    _load_weights(sessions, variables)
+    _load_weights(sessions, variables, router_on_bfloat16_grid)
   for name, (sess, _, _, tf_y, copy_op) in sessions.items():
     sess.run(copy_op)
     if agree:
@@ -287,8 +317,8 @@ def run_config(cfg, impls, warmup, reps, check_agreement=True, measure_memory=Tr
   if "ours" in impls and "upstream" in impls:
     result["speedup"] = result["upstream_ms"] / result["ours_ms"]
   if agree:
-    result["max_abs_diff"] = float(np.abs(outputs["ours"] - outputs["upstream"]).max())
-    result["output_max_abs"] = float(np.abs(outputs["upstream"]).max())
+    result.update(agreement(outputs["ours"], outputs["upstream"]))
+    result["router_on_bfloat16_grid"] = bool(router_on_bfloat16_grid)
   return result, outputs
 
 

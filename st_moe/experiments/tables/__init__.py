@@ -1,5 +1,6 @@
-"""The paper's tables (ST-MoE, arXiv 2202.08906): stability study, capacity factors, routing entropy,
-sparse against dense.
+"""The paper's tables (ST-MoE, arXiv 2202.08906): stability study, capacity factors, routing entropy
+(Tables 13 and 14), sparse against dense, and the ablations top_k (Table 8), dense_ffn (Table 16)
+and expert_bias (Table 17).
 
 Library side of `tools/reproduce.py`: one module per table family (stability, capacity, entropy,
 sparse_vs_dense) over common.py (settings, runs, output files), all run through
@@ -8,6 +9,7 @@ st_moe.experiments.jobs.
   from st_moe.experiments import tables
   path = tables.run_table("capacity", tables.Config(out="reproduction_out"))
 """
+from st_moe.experiments.tables import ablations
 from st_moe.experiments.tables import capacity
 from st_moe.experiments.tables import common
 from st_moe.experiments.tables import entropy
@@ -17,6 +19,9 @@ from st_moe.experiments.tables import stability
 Config = common.Config
 TABLES = {"stability": stability.table, "capacity": capacity.table, "entropy": entropy.table,
           "sparse_vs_dense": sparse_vs_dense.table}
+# Tables 8, 16 and 17: one row per setting (st_moe.experiments.tables.ablations).
+TABLES.update({name: (lambda config, show=print, name=name: ablations.table(name, config, show))
+               for name in ablations.TABLES})
 
 
 def validate(table, config: Config):
