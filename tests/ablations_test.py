@@ -14,6 +14,11 @@ from st_moe.experiments.tables import common
 
 D_MODEL, D_FF, D_FF_DENSE, EXPERTS, LAYERS, SPARSE = 32, 64, 128, 4, 4, 2
 SEQUENCE = {"inputs": 32, "targets": 8}
+# The distinct models of the three tables (the other rows differ from these only in a capacity
+# factor, which changes no variable); building each takes a few seconds.
+BUILT = {"default_cf1.25_seed0", "top1_cf1.25_seed0", "top3_cf2_seed0", "extra_ffn_none_seed0",
+         "extra_ffn_before_seed0", "extra_ffn_random_seed0", "dense_seed0",
+         "dense_extra_ffn_seed0", "additive_bias_seed0", "multiplicative_bias_seed0"}
 
 
 def ffn(d_ff):
@@ -31,7 +36,7 @@ class AblationRunsTest(absltest.TestCase):
     for name in ablations.TABLES:
       for row in ablations.TABLES[name][0](cls.config):
         run = row.run(cls.config, 0)
-        if run.name not in cls.counts:
+        if run.name in BUILT and run.name not in cls.counts:
           model_graph.parse_gin(run.job.gin_files, run.job.model_params())
           graph = model_graph.build(vocab_size=2100, batch_size=2, sequence_length=SEQUENCE,
                                     mesh_shape="", layout_rules="")
