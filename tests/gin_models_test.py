@@ -21,7 +21,8 @@ GOLDEN = os.path.join(REPO, "tests", "testdata", "st_moe_tiny_variables.json")
 MODELS = sorted(f for f in os.listdir(os.path.join(GIN_DIR, "models")) if f.endswith(".gin"))
 # Tiny sizes valid for every model file (the macros of a dense file that it does not use are inert).
 TINY = ["d_model = 16", "d_ff = 32", "num_heads = 2", "d_kv = 8", "num_layers = 4",
-        "num_sparse_layers = 2", "num_experts = 4", "group_size = 32"]
+        "num_sparse_layers = 2", "num_experts = 4", "group_size = 32",
+        "expert_d_ff = 32"]  # st_moe_small.gin sizes its experts apart from d_ff
 FLOAT32 = ['utils.get_variable_dtype.activation_dtype = "float32"']
 SMALL_BATCH = dict(batch_size=2, sequence_length={"inputs": 16, "targets": 8})
 
