@@ -1,0 +1,121 @@
+"""A table's finished runs without their checkpoints: small enough to check in, enough to resume.
+
+A reproduction table that takes longer than one working session (or one machine's life) is
+finished in pieces: `save` copies what the tables read of every finished run of an output folder
+(<out>/runs/<run id>) into an archive folder, and `restore` copies it back into a fresh output
+folder, where `tools/reproduce.py` then skips those runs ("already trained", cached evaluations and
+traces) and trains only the rest.
+
+What a finished run keeps (everything else, its checkpoints above all, is left out):
+  - its bookkeeping (st_moe.experiments.jobs): job.json, train_done.json or diverged.json, every
+    evaluation's <name>.json, and the `checkpoint` index naming its last step (the step the cached
+    evaluations are keyed on); operative_config.gin, the record of what it trained;
+  - its routing traces (trace_*/: routing.json, trace_meta.json, routing.md and the PNGs);
+  - its training curve: one event file with the `loss` scalar of every step, read by
+    st_moe.experiments.runner.steps_and_losses like the run's own event files.
+A run that is still training (neither train_done.json nor diverged.json) is not archived: it
+resumes from its checkpoints, which only its own output folder has.
+
+Both directions go through tf.io.gfile, so either folder may be on gs://.
+"""
+from typing import List
+
+from st_moe.experiments import events
+from st_moe.experiments import jobs
+
+FINISHED = ("train_done.json", "diverged.json")
+KEPT_FILES = ("checkpoint", "operative_config.gin")
+ARCHIVED_EVENTS = "events.out.tfevents.{time}.archive.v2"
+
+
+def _tf():
+  import tensorflow.compat.v1 as tf  # pylint: disable=g-import-not-at-top
+  return tf
+
+
+def finished_runs(runs_dir) -> List[str]:
+  """Names of the run folders in `runs_dir` whose training finished (done or diverged)."""
+  gfile = _tf().io.gfile
+  if not gfile.isdir(runs_dir):
+    return []
+  return sorted(name.rstrip("/") for name in gfile.listdir(runs_dir)
+                if any(gfile.exists(jobs.join(runs_dir, name.rstrip("/"), f)) for f in FINISHED))
+
+
+def _write_curve(model_dir, dest_dir):
+  """One event file in dest_dir with model_dir's training loss per step (later attempts win)."""
+  tf = _tf()
+  from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
+  from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
+  reader = events.EventReader(model_dir, lambda tag: tag == events.LOSS_TAG)
+  reader.poll()
+  curve = reader.scalars.get(events.LOSS_TAG, {})
+  times = reader.wall_times.get(events.LOSS_TAG, {})
+  if not curve:
+    return None
+  first = int(min(times.values())) if times else 0
+  path = jobs.join(dest_dir, ARCHIVED_EVENTS.format(time=first))
+  with tf.io.TFRecordWriter(path) as writer:
+    writer.write(event_pb2.Event(wall_time=float(first), file_version="brain.Event:2")
+                 .SerializeToString())
+    for step in sorted(curve):
+      value = summary_pb2.Summary.Value(tag=events.LOSS_TAG, simple_value=float(curve[step]))
+      writer.write(event_pb2.Event(wall_time=float(times.get(step, first)), step=int(step),
+                                   summary=summary_pb2.Summary(value=[value])).SerializeToString())
+  return path
+
+
+def _copy_tree(src, dest):
+  gfile = _tf().io.gfile
+  gfile.makedirs(dest)
+  for name in gfile.listdir(src):
+    name = name.rstrip("/")
+    if gfile.isdir(jobs.join(src, name)):
+      _copy_tree(jobs.join(src, name), jobs.join(dest, name))
+    else:
+      gfile.copy(jobs.join(src, name), jobs.join(dest, name), overwrite=True)
+
+
+def save(out, archive, show=print) -> List[str]:
+  """Archives every finished run of <out>/runs into <archive>/<run id>; returns their names.
+
+  A run already in the archive is written again (its evaluations may have grown)."""
+  gfile = _tf().io.gfile
+  runs_dir = jobs.join(out, "runs")
+  saved = []
+  for name in finished_runs(runs_dir):
+    src, dest = jobs.join(runs_dir, name), jobs.join(archive, name)
+    if gfile.isdir(dest):
+      gfile.rmtree(dest)
+    gfile.makedirs(dest)
+    for entry in gfile.listdir(src):
+      entry = entry.rstrip("/")
+      path = jobs.join(src, entry)
+      if gfile.isdir(path):
+        if entry.startswith("trace_"):
+          _copy_tree(path, jobs.join(dest, entry))
+      elif entry.endswith(".json") or entry in KEPT_FILES:
+        gfile.copy(path, jobs.join(dest, entry), overwrite=True)
+    _write_curve(src, dest)
+    saved.append(name)
+    show(f"[{name}] archived in {dest}")
+  return saved
+
+
+def restore(archive, out, show=print) -> List[str]:
+  """Copies each archived run into <out>/runs/<run id> unless that folder exists (a run there is
+  never overwritten); returns the names restored."""
+  gfile = _tf().io.gfile
+  if not gfile.isdir(archive):
+    raise FileNotFoundError(f"--archive={archive}: no such folder (made by `save`)")
+  restored = []
+  for name in finished_runs(archive):
+    dest = jobs.join(out, "runs", name)
+    if gfile.exists(dest):
+      show(f"[{name}] kept: {dest} exists")
+      continue
+    _copy_tree(jobs.join(archive, name), dest)
+    restored.append(name)
+    show(f"[{name}] restored from {jobs.join(archive, name)}")
+  return restored
+

@@ -1,0 +1,128 @@
+"""tools/archive_runs.py (st_moe.experiments.archive): a finished run saved without its checkpoints
+and restored into a fresh output folder is skipped there, its evaluation and curve intact.
+
+The run folders are made here: bookkeeping JSON as st_moe.experiments.jobs writes it, a checkpoint's
+files, an event file of losses written with tf.summary, a routing trace. Nothing trains.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+import tensorflow as tf
+
+from st_moe.experiments import archive
+from st_moe.experiments import jobs
+from st_moe.experiments import runner
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(REPO, "tools", "archive_runs.py")
+LOSSES = {1: 5.5, 2: 5.25, 3: 4.75, 4: 4.5}  # step -> training loss of the finished run
+STEPS = 4
+EVAL = {"step": STEPS, "eval_steps": 1, "gin_params": [], "eval_gin_files": ["perplexity_eval.gin"],
+        "neg_log_perplexity": -4.25, "command": "t5_mesh_transformer ..."}
+
+
+def _job(out, name):
+  return jobs.Job(name=name, model_dir=os.path.join(out, "runs", name), gin_files=["st_moe_tiny.gin"],
+                  gin_params=["st_moe.seeded_train_dataset_fn.seed = 0"], task="some_task",
+                  shape=jobs.Shape(4, 32, 8))
+
+
+def _write(path, text):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    f.write(text)
+
+
+def make_run(out, name, finished):
+  job = _job(out, name)
+  d = job.model_dir
+  _write(os.path.join(d, "job.json"), json.dumps(job.settings()))
+  last = STEPS if finished else 2
+  _write(os.path.join(d, "checkpoint"), f'model_checkpoint_path: "model.ckpt-{last}"\n')
+  _write(os.path.join(d, f"model.ckpt-{last}.index"), "index")
+  _write(os.path.join(d, f"model.ckpt-{last}.data-00000-of-00001"), "weights" * 100)
+  _write(os.path.join(d, "logs", f"{name}.0.log"), "a log\n")
+  writer = tf.summary.create_file_writer(d)
+  with writer.as_default():
+    for step, loss in LOSSES.items():
+      if step <= last:
+        tf.summary.scalar("loss", loss, step=step)
+        tf.summary.scalar("decoder/block_001/SparseFFN/router/entropy", 1.0, step=step)
+  writer.close()
+  if finished:
+    _write(os.path.join(d, "train_done.json"),
+           json.dumps({"train_steps": STEPS, "status": "done", "final_train_loss": LOSSES[STEPS]}))
+    _write(os.path.join(d, "eval_cf2.json"), json.dumps(EVAL))
+    _write(os.path.join(d, "trace_cf2", "routing.json"), json.dumps([{"layer": "encoder"}]))
+    _write(os.path.join(d, "trace_cf2", "trace_meta.json"), json.dumps({"step": STEPS}))
+  return job
+
+
+class ArchiveTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.tmp = tempfile.mkdtemp(prefix="archive_test_")
+    self.addCleanup(shutil.rmtree, self.tmp, ignore_errors=True)
+    self.out = os.path.join(self.tmp, "out")
+    self.done = make_run(self.out, "done_seed0", finished=True)
+    make_run(self.out, "training_seed1", finished=False)
+    self.archive = os.path.join(self.tmp, "archive")
+
+  def test_saves_finished_runs_without_checkpoints_or_logs(self):
+    self.assertEqual(archive.save(self.out, self.archive, show=lambda _: None), ["done_seed0"])
+    self.assertEqual(os.listdir(self.archive), ["done_seed0"])  # the unfinished run stays out
+    names = sorted(os.listdir(os.path.join(self.archive, "done_seed0")))
+    self.assertEqual([n for n in names if not n.startswith("events.out.tfevents.")],
+                     ["checkpoint", "eval_cf2.json", "job.json", "trace_cf2", "train_done.json"])
+    self.assertLen([n for n in names if n.startswith("events.out.tfevents.")], 1)
+    self.assertEqual(sorted(os.listdir(os.path.join(self.archive, "done_seed0", "trace_cf2"))),
+                     ["routing.json", "trace_meta.json"])
+
+  def test_restored_run_is_skipped_with_its_evaluation_and_curve(self):
+    archive.save(self.out, self.archive, show=lambda _: None)
+    fresh = os.path.join(self.tmp, "fresh")
+    self.assertEqual(archive.restore(self.archive, fresh, show=lambda _: None), ["done_seed0"])
+    job = _job(fresh, "done_seed0")
+    lines = []
+    summary = jobs.train(job, STEPS, 2, show=lines.append)  # would start t5_mesh_transformer
+    self.assertEqual(summary["final_train_loss"], LOSSES[STEPS])
+    self.assertIn("already trained", lines[0])
+    evaluated = jobs.evaluate(job, "eval_cf2", eval_steps=1, show=lines.append)
+    self.assertEqual(evaluated["neg_log_perplexity"], EVAL["neg_log_perplexity"])
+    self.assertLen(lines, 1)  # no "evaluating" line: the cached result
+    self.assertEqual(runner.steps_and_losses(job.model_dir),
+                     (list(LOSSES), list(LOSSES.values())))
+
+  def test_restore_never_overwrites_a_run_folder(self):
+    archive.save(self.out, self.archive, show=lambda _: None)
+    with open(os.path.join(self.out, "runs", "done_seed0", "eval_cf2.json"), "w") as f:
+      f.write('{"neg_log_perplexity": -1.0}')
+    self.assertEqual(archive.restore(self.archive, self.out, show=lambda _: None), [])
+    with open(os.path.join(self.out, "runs", "done_seed0", "eval_cf2.json")) as f:
+      self.assertEqual(json.load(f), {"neg_log_perplexity": -1.0})
+
+  def test_tool_saves_restores_and_names_a_missing_archive(self):
+    def tool(*args):
+      return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True,
+                            timeout=300)
+    saved = tool("save", f"--out={self.out}", f"--archive={self.archive}")
+    self.assertEqual(saved.returncode, 0, saved.stderr[-2000:])
+    self.assertIn("1 finished run(s)", saved.stdout)
+    fresh = os.path.join(self.tmp, "fresh")
+    restored = tool("restore", f"--out={fresh}", f"--archive={self.archive}")
+    self.assertEqual(restored.returncode, 0, restored.stderr[-2000:])
+    self.assertTrue(os.path.exists(os.path.join(fresh, "runs", "done_seed0", "train_done.json")))
+    missing = os.path.join(self.tmp, "nowhere")
+    bad = tool("restore", f"--out={fresh}", f"--archive={missing}")
+    self.assertNotEqual(bad.returncode, 0)
+    self.assertIn(f"--archive={missing}: no such folder", bad.stderr)
+
+
+if __name__ == "__main__":
+  absltest.main()
