@@ -1,0 +1,27 @@
+"""pytest's order of the test files: the slowest first, so that `make test`'s two workers end together.
+
+pytest.ini runs the files on two workers, one file at a time per worker (`--dist loadfile`) and
+in collection order (`--no-loadscope-reorder`). xdist would otherwise start the files with the most
+tests first, which leaves a file with few but slow tests (a whole demo run) for the end, when the
+other worker is idle. SLOWEST_FIRST lists the files whose class fixtures train models, slowest
+first (measured with `pytest --durations=60`: docs/performance.md); every other file follows in
+its usual order. A file missing from the list only costs balance, never a test.
+"""
+
+SLOWEST_FIRST = (
+    "demo_test.py",
+    "reproduce_test.py",
+    "finetune_test.py",
+    "upcycle_test.py",
+    "runner_test.py",
+    "demo_diverged_test.py",
+)
+
+
+def _rank(item):
+  name = item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+  return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
+
+
+def pytest_collection_modifyitems(session, config, items):  # pylint: disable=unused-argument
+  items.sort(key=_rank)  # stable: a file's tests, and the other files, keep their order
