@@ -227,10 +227,13 @@ class StabilityRowsTest(absltest.TestCase):
   def test_diverged_seed_is_listed_and_left_out_of_quality(self):
     config = common.Config(seeds=3, variants=("baseline",))
     runs = stability.plan(config)
-    runs[("baseline", 0)].summary = {"status": "done"}
+    runs[("baseline", 0)].summary = {"status": "done", "router_z_loss": 2.0,
+                                     "router_max_logit": 1.0}
     runs[("baseline", 1)].summary = {"status": "diverged", "diverged": "loss is nan at step 7",
-                                     "diverged_step": 7}
-    runs[("baseline", 2)].summary = {"status": "done"}
+                                     "diverged_step": 7, "router_z_loss": float("inf"),
+                                     "router_max_logit": 9.0}
+    runs[("baseline", 2)].summary = {"status": "done", "router_z_loss": 4.0,
+                                     "router_max_logit": 2.0}
     quality = {("baseline", 0): -2.0, ("baseline", 1): None, ("baseline", 2): -3.0}
     (row,) = stability.rows(config, runs, quality)
     row = dict(zip(stability.HEADERS, row))
@@ -238,6 +241,10 @@ class StabilityRowsTest(absltest.TestCase):
     self.assertEqual(row["diverged runs"], "seed 1 at step 7")
     # mean -2.5; sample std of (-2, -3) = sqrt(0.5) = 0.707
     self.assertEqual(row["quality (ours)"], "-2.500 +- 0.707")
+    # z-loss: the infinite one left out: mean 3, sample std of (2, 4) = sqrt(2) = 1.414; the
+    # diverged seed's finite max logit counts: (1, 9, 2) -> mean 4, std sqrt(19) = 4.359.
+    self.assertEqual(row["router z-loss (last step)"], "3.000 +- 1.414")
+    self.assertEqual(row["max router logit (last step)"], "4.000 +- 4.359")
 
   def test_run_folders_and_bindings(self):
     config = common.Config(out="/o", seeds=1, variants=("router_z_loss",), gin_params=("a = 1",))

@@ -188,7 +188,7 @@ def table(name, config: common.Config, show=print):
         common.pm(mine) if mine else None, row.paper,
         None if gain is None else round(gain, 4), paper_gain, ratio,
         f"{len(mine)}/{config.seeds}", row.baseline or "-"])
-  means = {r.label: jobs.mean_std([v for v in values[r.label] if v is not None]) for r in rows}
+  means = {r.label: jobs.mean_std(values[r.label]) for r in rows}
   reporting.plot_rows([r.label for r in rows],
                       {"ours (mean +- std over seeds)": ([means[r.label][0] for r in rows],
                                                          [means[r.label][1] for r in rows])},

@@ -46,11 +46,6 @@ def by_stack(per_seed, key="router_entropy"):
   return found
 
 
-def _mean(values):
-  values = [v for v in values if v is not None]
-  return jobs.mean_std(values)[0] if values else None
-
-
 def _cell(values):
   values = [v for v in values if v is not None]
   if not values:
@@ -74,7 +69,7 @@ def rows(per_seed):
       row.append(PAPER_ENTROPY[stack][j] if j < 6 else None)
     for stack in STACKS:  # sentinel entropy / ln E, ours then the paper's
       layers = stacks["sentinel_router_entropy"][stack]
-      value = _mean(layers[j]) if j < len(layers) else None
+      value = jobs.mean_std(layers[j])[0] if j < len(layers) else None
       mine = "-" if value is None else f"{value / uniform:.2f}"
       paper = f"{PAPER_ENTROPY[stack][j] / PAPER_ENTROPY['uniform']:.2f}" if j < 6 else "-"
       row.append(f"{mine} / {paper}")
@@ -155,8 +150,8 @@ def table(config: common.Config, show=print):
 
   def over_ln_e(key):
     stacks = by_stack(per_seed, key)
-    means = {s: [(_mean(v) or 0.0) / uniform for v in stacks[s]] for s in STACKS}
-    spreads = {s: [jobs.mean_std([x for x in v if x is not None])[1] / uniform
+    means = {s: [(jobs.mean_std(v)[0] or 0.0) / uniform for v in stacks[s]] for s in STACKS}
+    spreads = {s: [jobs.mean_std(v)[1] / uniform
                    if sum(x is not None for x in v) > 1 else 0.0 for v in stacks[s]]
                for s in STACKS}
     return means, spreads

@@ -44,7 +44,8 @@ VARIANTS = {
                       ("3/3", "-1.741 +- 0.02")),
 }
 HEADERS = ["variant", "change", "stable runs", "quality (ours)", "diverged runs",
-           "stable runs (paper)", "quality (paper)"]
+           "router z-loss (last step)", "max router logit (last step)", "stable runs (paper)",
+           "quality (paper)"]
 
 
 def variants(config: common.Config):
@@ -65,6 +66,14 @@ def plan(config: common.Config):
           for variant in variants(config) for seed in range(config.seeds)}
 
 
+def _last_router_value(runs, variant, seeds, key):
+  """Mean +- std over the variant's seeds of a router metric at the last step a run logged
+  (jobs.train's summary; a diverged run's last finite value counts: it shows the logits' growth);
+  empty for a model without sparse layers or without a finite value."""
+  values = [runs[(variant, seed)].summary.get(key) for seed in range(seeds)]
+  return common.pm([v for v in values if v is not None and math.isfinite(v)])
+
+
 def rows(config: common.Config, runs, quality):
   """The table's rows from the trained runs {(variant, seed): Run} and {(variant, seed): quality}
   (None for a diverged run)."""
@@ -79,7 +88,10 @@ def rows(config: common.Config, runs, quality):
       else:
         stable_q.append(quality[(variant, seed)])
     found.append([variant, description, f"{len(stable_q)}/{config.seeds}", common.pm(stable_q),
-                  "; ".join(diverged_at) or "none", paper[0], paper[1]])
+                  "; ".join(diverged_at) or "none",
+                  _last_router_value(runs, variant, config.seeds, "router_z_loss"),
+                  _last_router_value(runs, variant, config.seeds, "router_max_logit"),
+                  paper[0], paper[1]])
   return found
 
 
@@ -114,7 +126,11 @@ def table(config: common.Config, show=print):
            "st_moe/experiments/divergence.py (a NaN/inf loss, a loss that stays above its "
            "running minimum by max(1.0, 0.5 |min|), a frozen loss, or a routing collapse); "
            "diverged runs are stopped, listed and not evaluated. Paper columns: ST-MoE Table 3 "
-           "(32 experts, 6 seeds for the baseline).")
+           "(32 experts, 6 seeds for the baseline). Router z-loss: the mean over tokens of the "
+           "squared logsumexp of the router logits (unscaled, i.e. before its coefficient), and "
+           "max router logit: the largest logit of any token, both at the last training step "
+           "logged, averaged over the sparse layers, mean +- std over the seeds (diverged ones "
+           "included where finite).")
   intro += (" A seed fixes the data order and the initial weights, and with resource variables "
             "(st_moe.register.use_resource_variables) the first steps of a rerun are "
             "bit-identical, but a remaining upstream race (Adafactor's decay reads the global "
