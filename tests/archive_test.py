@@ -23,7 +23,7 @@ TOOL = os.path.join(REPO, "tools", "archive_runs.py")
 LOSSES = {1: 5.5, 2: 5.25, 3: 4.75, 4: 4.5}  # step -> training loss of the finished run
 STEPS = 4
 EVAL = {"step": STEPS, "eval_steps": 1, "gin_params": [], "eval_gin_files": ["perplexity_eval.gin"],
-        "neg_log_perplexity": -4.25, "command": "t5_mesh_transformer ..."}
+        "neg_log_perplexity": -4.25}
 
 
 def _job(out, name):
@@ -57,7 +57,8 @@ def make_run(out, name, finished):
   if finished:
     _write(os.path.join(d, "train_done.json"),
            json.dumps({"train_steps": STEPS, "status": "done", "final_train_loss": LOSSES[STEPS]}))
-    _write(os.path.join(d, "eval_cf2.json"), json.dumps(EVAL))
+    _write(os.path.join(d, "eval_cf2.json"),
+           json.dumps(dict(EVAL, command=f"t5_mesh_transformer --model_dir={d}")))
     _write(os.path.join(d, "trace_cf2", "routing.json"), json.dumps([{"layer": "encoder"}]))
     _write(os.path.join(d, "trace_cf2", "trace_meta.json"), json.dumps({"step": STEPS}))
   return job
@@ -95,6 +96,8 @@ class ArchiveTest(absltest.TestCase):
     self.assertIn("already trained", lines[0])
     evaluated = jobs.evaluate(job, "eval_cf2", eval_steps=1, show=lines.append)
     self.assertEqual(evaluated["neg_log_perplexity"], EVAL["neg_log_perplexity"])
+    # The recorded command names the folder it now lives in, not the one it was trained in.
+    self.assertEqual(evaluated["command"], f"t5_mesh_transformer --model_dir={job.model_dir}")
     self.assertLen(lines, 1)  # no "evaluating" line: the cached result
     self.assertEqual(runner.steps_and_losses(job.model_dir),
                      (list(LOSSES), list(LOSSES.values())))

@@ -26,6 +26,9 @@ from st_moe.experiments import jobs
 FINISHED = ("train_done.json", "diverged.json")
 KEPT_FILES = ("checkpoint", "operative_config.gin")
 ARCHIVED_EVENTS = "events.out.tfevents.{time}.archive.v2"
+# The output folder in the archived JSON (the runs' recorded command lines name their model_dir):
+# written as this placeholder, and replaced by the folder restored into.
+OUT_PLACEHOLDER = "${ST_MOE_ARCHIVED_OUT}"
 
 
 def _tf():
@@ -65,15 +68,24 @@ def _write_curve(model_dir, dest_dir):
   return path
 
 
-def _copy_tree(src, dest):
+def _copy(src, dest, old=None, new=None):
+  """Copies a file; in a .json file, the text `old` becomes `new`."""
+  gfile = _tf().io.gfile
+  if old and src.endswith(".json"):
+    jobs.write_text(dest, jobs.read_text(src).replace(old, new))
+  else:
+    gfile.copy(src, dest, overwrite=True)
+
+
+def _copy_tree(src, dest, old=None, new=None):
   gfile = _tf().io.gfile
   gfile.makedirs(dest)
   for name in gfile.listdir(src):
     name = name.rstrip("/")
     if gfile.isdir(jobs.join(src, name)):
-      _copy_tree(jobs.join(src, name), jobs.join(dest, name))
+      _copy_tree(jobs.join(src, name), jobs.join(dest, name), old, new)
     else:
-      gfile.copy(jobs.join(src, name), jobs.join(dest, name), overwrite=True)
+      _copy(jobs.join(src, name), jobs.join(dest, name), old, new)
 
 
 def save(out, archive, show=print) -> List[str]:
@@ -93,9 +105,9 @@ def save(out, archive, show=print) -> List[str]:
       path = jobs.join(src, entry)
       if gfile.isdir(path):
         if entry.startswith("trace_"):
-          _copy_tree(path, jobs.join(dest, entry))
+          _copy_tree(path, jobs.join(dest, entry), out.rstrip("/"), OUT_PLACEHOLDER)
       elif entry.endswith(".json") or entry in KEPT_FILES:
-        gfile.copy(path, jobs.join(dest, entry), overwrite=True)
+        _copy(path, jobs.join(dest, entry), out.rstrip("/"), OUT_PLACEHOLDER)
     _write_curve(src, dest)
     saved.append(name)
     show(f"[{name}] archived in {dest}")
@@ -114,7 +126,7 @@ def restore(archive, out, show=print) -> List[str]:
     if gfile.exists(dest):
       show(f"[{name}] kept: {dest} exists")
       continue
-    _copy_tree(jobs.join(archive, name), dest)
+    _copy_tree(jobs.join(archive, name), dest, OUT_PLACEHOLDER, out.rstrip("/"))
     restored.append(name)
     show(f"[{name}] restored from {jobs.join(archive, name)}")
   return restored
