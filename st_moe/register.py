@@ -13,6 +13,9 @@ importing this module registers, once per process:
     size the mesh does not divide and an unreadable latest checkpoint are named with what to change;
   * the SeqIO tasks and mixtures of `st_moe.tasks`;
   * TF1 resource variables (`use_resource_variables`);
+  * two runs of one seed on the CPU are the same run (`st_moe.determinism`: random ops seeded
+    the same in every process, the global step read before its increment; patches
+    `PlacementMeshImpl.random`, wraps `tpu_estimator_model_fn`);
   * loss and router summaries in the event files on the CPU as on a TPU (`st_moe.summaries`: wraps
     mesh_tensorflow's `tpu_estimator_model_fn`; `st_moe.event_summaries.enabled=False` turns it
     off);
@@ -32,6 +35,7 @@ gin_paths.register()
 # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
 import tensorflow.compat.v1 as tf
 
+from st_moe import determinism
 from st_moe import graph_files
 from st_moe import guard
 from st_moe import layers
@@ -54,9 +58,8 @@ def use_resource_variables():
   still being computed can see weights another update has already written, and two runs of the
   same seed on the CPU differ from the first update on (their step-1 Adafactor statistics differed
   by up to 3.5x here). Resource variables read a consistent snapshot: two runs of one seed are then
-  bit-identical (SameSeedSameRunTest in tests/reproduce_test.py). Not fixed here: Adafactor's decay
-  rate reads the global step unordered with its increment, a smaller race (README, "One seed, one
-  run").
+  bit-identical (SameSeedSameRunTest in tests/reproduce_test.py), once `st_moe.determinism` also
+  seeds mesh_tensorflow's random ops the same way in every process.
   """
   if os.environ.get(REF_VARIABLES_ENV) == "1":
     return tf.resource_variables_enabled()
@@ -66,5 +69,6 @@ def use_resource_variables():
 
 use_resource_variables()
 guard.install_preflight()
+determinism.install()  # before summaries.install(): summaries' wrapper is the outer one
 summaries.install()
 graph_files.install()
