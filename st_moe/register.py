@@ -13,6 +13,8 @@ importing this module registers, once per process:
     size the mesh does not divide and an unreadable latest checkpoint are named with what to change;
   * the SeqIO tasks and mixtures of `st_moe.tasks`;
   * TF1 resource variables (`use_resource_variables`);
+  * a CPU run's shorter start (`st_moe.cpu_startup`: input pipelines without AutoGraph, sessions
+    without Grappler, when gin says so: `gin/layouts/cpu.gin`);
   * two runs of one seed on the CPU are the same run (`st_moe.determinism`: random ops seeded
     the same in every process, the global step read before its increment; patches
     `PlacementMeshImpl.random`, wraps `tpu_estimator_model_fn`);
@@ -35,6 +37,7 @@ gin_paths.register()
 # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
 import tensorflow.compat.v1 as tf
 
+from st_moe import cpu_startup
 from st_moe import determinism
 from st_moe import graph_files
 from st_moe import guard
@@ -69,6 +72,7 @@ def use_resource_variables():
 
 use_resource_variables()
 guard.install_preflight()
+cpu_startup.install()
 determinism.install()  # before summaries.install(): summaries' wrapper is the outer one
 summaries.install()
 graph_files.install()

@@ -8,6 +8,14 @@ first (measured with `pytest --durations=60`: docs/performance.md); every other 
 its usual order. A file missing from the list only costs balance, never a test.
 """
 
+import os
+
+from st_moe import cpu_startup
+
+# Every t5_mesh_transformer the tests start trains a few steps: Grappler's ~15 s per process at
+# session creation would never pay off (st_moe/cpu_startup.py). Inherited by every subprocess.
+os.environ.setdefault(cpu_startup.META_OPTIMIZER_ENV, "0")
+
 SLOWEST_FIRST = (
     "demo_test.py",
     "reproduce_test.py",
