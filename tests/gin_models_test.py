@@ -175,10 +175,11 @@ class GinModelsTest(absltest.TestCase):
         lines = [l for l in f if l.strip() and not l.startswith(("#", "import "))]
       bindings = {k.strip(): v.strip() for k, v in (l.split("=", 1) for l in lines)}
       cpu = os.path.basename(path) == "cpu.gin"
-      # A CPU run also leaves its graph out of the model folder (st_moe/graph_files.py).
-      expected_names = ["st_moe.SparseFFN.dispatch"] + (["st_moe.graph_files.write"] if cpu
-                                                         else []) + ["utils.run.layout_rules",
-                                                                     "utils.run.mesh_shape"]
+      # A CPU run also leaves its graph out of the model folder (st_moe/graph_files.py) and builds
+      # its input pipeline without AutoGraph (st_moe/cpu_startup.py).
+      cpu_only = ["st_moe.cpu_startup.autograph_input", "st_moe.graph_files.write"]
+      expected_names = ["st_moe.SparseFFN.dispatch"] + (cpu_only if cpu else []) + [
+          "utils.run.layout_rules", "utils.run.mesh_shape"]
       self.assertEqual(sorted(bindings), expected_names, path)
       # The one-hot einsum dispatch on TPU (dense matrix products), gather on CPU.
       self.assertEqual(bindings["st_moe.SparseFFN.dispatch"], '"gather"' if cpu else '"einsum"',
