@@ -7,7 +7,7 @@ mesh_tensorflow's placement mesh (the CPU's; a TPU's SIMD mesh is left as upstre
   * **Random ops** (the router's random second-expert policy, dropout, expert dropout, router
     jitter): `PlacementMeshImpl.random` seeds each op with `hash("%s,%s" % (random.random(),
     slice_begin))`: Python's unseeded `random` and a string hash that PYTHONHASHSEED changes in
-    every process. `seed_random_ops` replaces the op seed by a CRC-32 of the op's index among the
+    every process. `seeded_random` replaces the op seed by a CRC-32 of the op's index among the
     graph's random ops (lowering visits them in creation order) and of the slice's begin, so
     slices that should agree still do, and with the graph seed (`st_moe.seeded_train_dataset_fn`
     sets it) every process draws the same numbers.
@@ -93,13 +93,13 @@ def order_step_reads(graph=None):
   if not increments:
     return 0
   later = _after(increments)
+  reads = [op for op in ops if op.type in _READS and op.inputs[0].op is handle and op not in later]
   ordered = 0
-  for increment in increments:
+  for increment in increments:  # one in mesh_tensorflow's step
     context = increment._get_control_flow_context()  # pylint: disable=protected-access
-    reads = [op for op in ops if op.type in _READS and op.inputs[0].op is handle
-             and op not in later and op._get_control_flow_context() is context]  # pylint: disable=protected-access
-    increment._add_control_inputs(reads)  # pylint: disable=protected-access
-    ordered += len(reads)
+    same = [op for op in reads if op._get_control_flow_context() is context]  # pylint: disable=protected-access
+    increment._add_control_inputs(same)  # pylint: disable=protected-access
+    ordered += len(same)
   return ordered
 
 

@@ -13,8 +13,8 @@ importing this module registers, once per process:
     size the mesh does not divide and an unreadable latest checkpoint are named with what to change;
   * the SeqIO tasks and mixtures of `st_moe.tasks`;
   * TF1 resource variables (`use_resource_variables`);
-  * a CPU run's shorter start (`st_moe.cpu_startup`: input pipelines without AutoGraph, sessions
-    without Grappler, when gin says so: `gin/layouts/cpu.gin`);
+  * a CPU run's shorter start (`st_moe.cpu_startup`: input pipelines without AutoGraph, set by
+    `gin/layouts/cpu.gin`; sessions without Grappler when gin or ST_MOE_META_OPTIMIZER=0 asks);
   * two runs of one seed on the CPU are the same run (`st_moe.determinism`: random ops seeded
     the same in every process, the global step read before its increment; patches
     `PlacementMeshImpl.random`, wraps `tpu_estimator_model_fn`);
