@@ -19,6 +19,7 @@ import tempfile
 import time
 
 from absl.testing import absltest
+import entry_point
 import numpy as np
 
 from st_moe.experiments import runner
@@ -194,10 +195,9 @@ class DemoTest(absltest.TestCase):
       # The accuracy the run reports is the exact-match rate of what it wrote (72 validation
       # passages), recomputed here from its predictions and targets files.
       eval_dir = os.path.join(model_dir, "validation_eval")
-      with open(os.path.join(eval_dir, f"{task}_{final}_predictions")) as f:
-        predictions = f.read().split("\n")[:-1]  # not splitlines(): see finetune_test
-      with open(os.path.join(eval_dir, f"{task}_targets")) as f:
-        targets = f.read().split("\n")[:-1]
+      predictions = entry_point.read_eval_lines(
+          os.path.join(eval_dir, f"{task}_{final}_predictions"))
+      targets = entry_point.read_eval_lines(os.path.join(eval_dir, f"{task}_targets"))
       self.assertLen(targets, 72)
       self.assertLen(predictions, 72)
       exact = 100.0 * np.mean([p == t for p, t in zip(predictions, targets)])

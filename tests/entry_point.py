@@ -29,3 +29,15 @@ def tiny_command(model_dir, *gin_params, module_imports=("testing_tasks",)):
           "--gin_param=utils.run.save_checkpoints_steps = 2",
           "--gin_param=utils.run.iterations_per_loop = 2",
           *[f"--gin_param={p}" for p in gin_params]]
+
+
+def read_eval_lines(path):
+  """The lines mesh_tensorflow's eval wrote to a predictions or targets file: one per example.
+
+  mtf writes `str(line).replace("\\n", " ") + "\\n"` per example. Read without newline
+  translation (`newline=""`): text mode would turn a decoded "\\r" into a line break, and an
+  undertrained byte-vocabulary model does decode to "\\r". Split at "\\n" only, not splitlines(),
+  which also splits at \\x0b, \\x0c, \\x1c-\\x1e and \\x85.
+  """
+  with open(path, newline="") as f:
+    return f.read().split("\n")[:-1]

@@ -180,11 +180,9 @@ class FinetuneTest(absltest.TestCase):
           continue
         for value in event.summary.value:
           metrics[value.tag] = value.simple_value
-    with open(os.path.join(summary_dir, f"{TASK}_{self.final_step}_predictions")) as f:
-      predictions = f.read().split("\n")[:-1]  # one line per example; not splitlines(), which
-      # also splits at \x1c-\x1e and \x85, bytes an undertrained byte-vocabulary model may decode to
-    with open(os.path.join(summary_dir, f"{TASK}_targets")) as f:
-      targets = f.read().split("\n")[:-1]
+    predictions = entry_point.read_eval_lines(
+        os.path.join(summary_dir, f"{TASK}_{self.final_step}_predictions"))
+    targets = entry_point.read_eval_lines(os.path.join(summary_dir, f"{TASK}_targets"))
     return metrics, predictions, targets
 
   def test_eval_decodes_the_validation_split_and_writes_its_metric(self):
