@@ -4,6 +4,7 @@ default) exactly what upstream TensorFlow writes."""
 import glob
 import os
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 import gin
@@ -51,11 +52,20 @@ class GraphFilesTest(absltest.TestCase):
     super().tearDown()
 
   def run_with(self, write):
+    """Trains two steps; returns the folder, its files and how often the graph was serialized."""
     gin.bind_parameter("st_moe.graph_files.write", write)
     tmp = tempfile.TemporaryDirectory()
     self.addCleanup(tmp.cleanup)
     model_dir = tmp.name
-    train_two_steps(model_dir)
+    serialized = []
+    upstream = tf.Graph.as_graph_def
+
+    def counted(graph, *args, **kwargs):
+      serialized.append(1)
+      return upstream(graph, *args, **kwargs)
+    with mock.patch.object(tf.Graph, "as_graph_def", counted):
+      train_two_steps(model_dir)
+    self.serialized = len(serialized)
     return model_dir, sorted(os.listdir(model_dir))
 
   def test_write_false_leaves_checkpoints_and_scalars_but_no_graph(self):
@@ -68,6 +78,8 @@ class GraphFilesTest(absltest.TestCase):
     self.assertNotIn("graph_def", kinds)
     self.assertNotIn("meta_graph_def", kinds)
     self.assertIn("loss", tags)
+    # Nor is the graph serialized for nothing (upstream's session start does it twice, below).
+    self.assertEqual(self.serialized, 0)
 
   def test_write_true_is_upstreams_behaviour(self):
     model_dir, files = self.run_with(True)
@@ -76,12 +88,14 @@ class GraphFilesTest(absltest.TestCase):
     kinds, _ = event_kinds(model_dir)
     self.assertIn("graph_def", kinds)
     self.assertIn("meta_graph_def", kinds)
+    self.assertGreaterEqual(self.serialized, 2)  # graph.pbtxt and the meta graph, at least
 
   def test_install_is_idempotent_and_uninstall_restores(self):
     from tensorflow.python.summary.writer import writer_cache  # pylint: disable=g-import-not-at-top
     from tensorflow.python.training import basic_session_run_hooks as hooks  # pylint: disable=g-import-not-at-top,line-too-long
     graph_files.uninstall()
-    upstream = (hooks.CheckpointSaverHook.__init__, writer_cache.FileWriterCache.get)
+    upstream = (hooks.CheckpointSaverHook.__init__, writer_cache.FileWriterCache.get,
+                hooks.CheckpointSaverHook.after_create_session)
     try:
       self.assertTrue(graph_files.install())
       self.assertFalse(graph_files.install())
@@ -89,6 +103,7 @@ class GraphFilesTest(absltest.TestCase):
       graph_files.uninstall()
       self.assertIs(hooks.CheckpointSaverHook.__init__, upstream[0])
       self.assertIs(writer_cache.FileWriterCache.get, upstream[1])
+      self.assertIs(hooks.CheckpointSaverHook.after_create_session, upstream[2])
     finally:
       graph_files.install()
 
