@@ -20,11 +20,11 @@ is parsed, when a run's hooks are built or its session starts:
     and ignores `add_graph` / `add_meta_graph` (the saver hook adds both on session start);
   * `tf.train.CheckpointSaverHook.after_create_session`: saves the session-start checkpoint without
     first serializing the graph into a meta graph. Upstream builds that meta graph even with
-    `save_graph_def=False`, for the event file only, where the writer above drops it: two
-    `as_graph_def` passes over st_moe_tiny's graph, ~15 s of a 2-step CPU run (cProfile, 2-core
-    machine under load).
+    `save_graph_def=False`, for the event file only, where the writer above drops it: an
+    `as_graph_def` pass over st_moe_tiny's graph and the meta graph built from it, ~15 s of a
+    2-step CPU run (cProfile, 2-core machine under load).
 
-With `write = True` both behave exactly as upstream. `uninstall()` puts them back (tests).
+With `write = True` all three behave exactly as upstream. `uninstall()` puts them back (tests).
 """
 import gin
 import tensorflow.compat.v1 as tf
