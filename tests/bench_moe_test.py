@@ -67,6 +67,50 @@ class BenchMoeTest(absltest.TestCase):
     self.assertNotEqual(proc.returncode, 0)
     self.assertIn("--experts=1: each must be an integer >= 2", proc.stderr)
 
+  def test_model_mode_bad_setting_is_named_before_any_run(self):
+    proc = run_tool("bench_moe.py", "--mode=model", "--train_steps=2")
+    self.assertNotEqual(proc.returncode, 0)
+    self.assertIn("--train_steps=2: must be >= 3", proc.stderr)
+
+  def test_model_mode_runs_the_tables_models_in_alternating_order(self):
+    """sparse_vs_dense's orchestration with t5_mesh_transformer replaced by a stub that records
+    each run and reports a made-up throughput: folders, order, the table's gin files and the
+    ratio (by hand: sparse (900 + 1100) / 2 = 1000, dense (1250 + 1250) / 2 = 1250: 0.8)."""
+    from st_moe.experiments import bench_model  # pylint: disable=g-import-not-at-top
+    from st_moe.experiments import runner  # pylint: disable=g-import-not-at-top
+    seen = []
+    speeds = {"sparse_r0": 900.0, "dense_r0": 1250.0, "dense_r1": 1250.0, "sparse_r1": 1100.0}
+
+    def fake_run(model_dir, gin_files, gin_params=(), **kwargs):
+      label = kwargs["label"]
+      seen.append((label, os.path.basename(model_dir), list(gin_files), list(gin_params),
+                   kwargs["tokens_per_step"]))
+      return runner.RunResult(model_dir=model_dir, command=["t5_mesh_transformer"],
+                              returncode=0, steps=[1, 2, 3], losses=[9.0, 8.0, 7.0],
+                              tokens_per_second=speeds[label])
+
+    original = runner.run
+    runner.run = fake_run
+    try:
+      with tempfile.TemporaryDirectory() as workdir:
+        r = bench_model.sparse_vs_dense(workdir, scale="small", train_steps=5, rounds=2,
+                                        show=lambda line: None)
+    finally:
+      runner.run = original
+    self.assertEqual([s[0] for s in seen], ["sparse_r0", "dense_r0", "dense_r1", "sparse_r1"])
+    self.assertEqual([s[1] for s in seen], ["sparse_r0", "dense_r0", "dense_r1", "sparse_r1"])
+    self.assertEqual(seen[0][2], ["dataset.gin", "st_moe_small.gin", "cpu.gin",
+                                  "reproduce_tiny.gin"])
+    self.assertEqual(seen[1][2], ["dataset.gin", "dense_small.gin", "cpu.gin",
+                                  "reproduce_tiny.gin"])
+    # --scale=small's shape: 32 sequences of 128 + 32 tokens, on the docs corpus.
+    self.assertEqual(seen[0][4], 32 * (128 + 32))
+    self.assertIn("MIXTURE_NAME = 'st_moe_embedded_docs_span_corruption'", seen[0][3])
+    self.assertIn("utils.run.train_steps = 5", seen[0][3])
+    self.assertEqual(r["sparse"], [900.0, 1100.0])
+    self.assertEqual(r["dense"], [1250.0, 1250.0])
+    self.assertAlmostEqual(r["ratio"], 0.8)
+
   def test_model_benchmark_bad_setting_is_named_before_any_run(self):
     proc = run_tool("bench_model.py", "--train_steps=0")
     self.assertNotEqual(proc.returncode, 0)

@@ -1,17 +1,27 @@
-r"""Layer benchmark: our sparse FFN against upstream mesh_tensorflow MoE1D and the matmul limit.
+r"""Layer benchmark (our sparse FFN against upstream MoE1D and the matmul limit), and with
+--mode=model the tables' sparse model against its FLOP-matched dense twin, trained end to end.
 
-For each number of experts, times one training step (forward, backward including the input's
+--mode=layer (the default): for each number of experts, times one training step (forward, backward including the input's
 gradient, SGD update) of both layers built with the same settings, alternating with a matmul of
 the expert size; checks first that both give the same output on the same weights. What is timed
 and how the efficiency is counted: st_moe/experiments/bench_layer.py. The model-level benchmark
-(st_moe_tiny through t5_mesh_transformer) is tools/bench_model.py. Results: docs/performance.md.
+(st_moe_tiny through t5_mesh_transformer, ours against upstream) is tools/bench_model.py.
+
+--mode=model: trains the --scale's sparse model and its dense twin (small: st_moe_small.gin and
+dense_small.gin) as `tools/reproduce.py sparse_vs_dense` trains them (same gin files, batch,
+lengths, task, seed 0) for --train_steps steps each, one run at a time (--rounds alternate the
+order), and reports their tokens/s and the ratio sparse / dense (st_moe.experiments.bench_model).
+
+Results: docs/performance.md.
 
   bench_moe.py                 # default sweep: 8, 16, 32, 64 experts
   bench_moe.py --json          # one JSON object per configuration
   bench_moe.py --experts=8 --d_model=64 --hidden=128 --batch_size=2 --length=64 --reps=2
   bench_moe.py --experts=8,64 --profile --inter_op_threads=1   # per-op times
+  bench_moe.py --mode=model --scale=small --train_steps=60 --rounds=2   # sparse vs dense twin
 """
 import json
+import tempfile
 
 from absl import app
 from absl import flags
@@ -20,6 +30,15 @@ import tensorflow.compat.v1 as tf
 from st_moe.experiments import bench_layer
 
 FLAGS = flags.FLAGS
+flags.DEFINE_enum("mode", "layer", ["layer", "model"], "layer: the sparse FFN alone, ours against "
+                  "upstream; model: the scale's sparse model against its dense twin, end to end.")
+flags.DEFINE_enum("scale", "small", ["tiny", "small"], "--mode=model: the tables' CPU scale.")
+flags.DEFINE_integer("train_steps", 60, "--mode=model: training steps per run (>= 3).")
+flags.DEFINE_integer("rounds", 1, "--mode=model: runs per model (the order alternates).")
+flags.DEFINE_string("workdir", "", "--mode=model: an empty folder for the runs (default: a new "
+                    "temporary folder).")
+if "gin_param" not in FLAGS:
+  flags.DEFINE_multi_string("gin_param", [], "--mode=model: a gin binding for both models.")
 flags.DEFINE_list("experts", ["8", "16", "32", "64"], "Numbers of experts to sweep.")
 flags.DEFINE_integer("d_model", 512, "Model dimension M.")
 flags.DEFINE_integer("hidden", 2048, "Expert hidden size H (GEGLU).")
@@ -69,8 +88,34 @@ def _check_flags():
                            f"{sorted(bench_layer.LAYERS)}")
 
 
+def _model_mode():
+  """--mode=model: the scale's sparse model and dense twin, tokens/s and their ratio."""
+  from st_moe.experiments import bench_model  # pylint: disable=g-import-not-at-top
+  if FLAGS.train_steps < 3:
+    raise app.UsageError(f"--train_steps={FLAGS.train_steps}: must be >= 3 (throughput is "
+                         "measured from the second step on)")
+  if FLAGS.rounds < 1:
+    raise app.UsageError(f"--rounds={FLAGS.rounds}: must be >= 1")
+  workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="bench_moe_model_")
+  r = bench_model.sparse_vs_dense(workdir, scale=FLAGS.scale, train_steps=FLAGS.train_steps,
+                                  rounds=FLAGS.rounds, gin_params=FLAGS.gin_param)
+  if FLAGS.json:
+    print(json.dumps(r), flush=True)
+    return
+  per_round = ", ".join(f"{s:.0f} / {d:.0f}" for s, d in zip(r["sparse"], r["dense"]))
+  print(f"scale={r['scale']}  {r['train_steps']} steps of {r['tokens_per_step']} tokens, "
+        f"{r['rounds']} round(s)\n"
+        f"  sparse {r['sparse_tokens_per_s']:8.0f} tokens/s\n"
+        f"  dense  {r['dense_tokens_per_s']:8.0f} tokens/s\n"
+        f"  sparse / dense: {r['ratio']:.2f}x  (per round, sparse / dense tokens/s: {per_round})",
+        flush=True)
+
+
 def main(argv):
   del argv
+  if FLAGS.mode == "model":
+    _model_mode()
+    return
   _check_flags()
   tf.disable_v2_behavior()  # turns resource variables off: both layers get them back, as in training
   from st_moe import register  # pylint: disable=g-import-not-at-top

@@ -81,3 +81,76 @@ def benchmark(workdir, task="st_moe_embedded_span_corruption", batch_size=16, in
                     "tokens_per_s": run.tokens_per_second,
                     "command": runner.shell_quote(run.command)})
   return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse against dense: the tables' two models at one scale, through the tables' own run files.
+
+
+def sparse_vs_dense(workdir, scale="small", train_steps=30, rounds=1, gin_params=(), show=None):
+  """tokens/s of a scale's sparse model and its FLOP-matched dense twin, one run at a time.
+
+  Each model trains as the sparse_vs_dense table trains it (st_moe.experiments.tables.common:
+  the scale's gin files, shape, task and seed 0), for `train_steps` steps, in its own folder.
+  Round r runs sparse then dense when r is even, dense then sparse when odd (slow drifts of a
+  shared machine fall on both). Throughput is read from the runs' event files (runner.Progress:
+  from the second step on, so graph building and start-up are not counted).
+
+  Args:
+    workdir: an empty folder; runs go to <workdir>/<model>_r<round>.
+    scale: "tiny" or "small" (the CPU scales).
+    train_steps: steps per run (>= 3, so that a throughput is measured past the second step).
+    rounds: runs per model.
+    gin_params: more bindings for both models.
+    show: called with each progress line (default: print to stderr).
+
+  Returns:
+    {"scale", "train_steps", "rounds", "tokens_per_step", "sparse": [tokens/s per round],
+     "dense": [...], "sparse_tokens_per_s", "dense_tokens_per_s" (means), "ratio" (sparse mean /
+     dense mean), "commands": {model: command of its first run}}.
+
+  Raises:
+    ValueError: a bad setting, before any run; or workdir already holds a trained run.
+    RuntimeError: a run failed or measured no throughput.
+  """
+  from st_moe.experiments.tables import common  # pylint: disable=g-import-not-at-top
+  if scale not in common.CPU_SCALES:
+    raise ValueError(f"scale={scale!r}: must be one of {', '.join(common.CPU_SCALES)} (the CPU "
+                     "scales; l and 32b train on a TPU pod)")
+  if not isinstance(train_steps, int) or train_steps < 3:
+    raise ValueError(f"train_steps={train_steps!r}: must be an integer >= 3 (throughput is "
+                     "measured from the second step on)")
+  if not isinstance(rounds, int) or rounds < 1:
+    raise ValueError(f"rounds={rounds!r}: must be an integer >= 1")
+  show = show or (lambda line: print(line, file=sys.stderr, flush=True))
+  config = common.config_for("sparse_vs_dense", scale)
+  shape = config.shape()
+  found = {"sparse": [], "dense": []}
+  commands = {}
+  for r in range(rounds):
+    order = ("sparse", "dense") if r % 2 == 0 else ("dense", "sparse")
+    for model in order:
+      model_dir = os.path.join(workdir, f"{model}_r{r}")
+      if runner.latest_checkpoint_step(model_dir):
+        raise ValueError(f"workdir={workdir!r} already holds a trained {model} run; give an "
+                         "empty directory (a resumed run would train no steps)")
+      files = ["dataset.gin"] + common.model_gin_files(config, "sparse_vs_dense",
+                                                       dense=model == "dense")
+      params = [f"MIXTURE_NAME = '{config.task}'"] + shape.gin_params() + [
+          "st_moe.seeded_train_dataset_fn.seed = 0",
+          f"utils.run.train_steps = {train_steps}",
+          f"utils.run.save_checkpoints_steps = {train_steps}",
+      ] + list(gin_params)
+      run = runner.run(model_dir, files, params, tokens_per_step=shape.tokens_per_step(),
+                       label=f"{model}_r{r}", every=max(1, train_steps // 3), show=show)
+      if not run.ok or not run.tokens_per_second:
+        raise RuntimeError(f"the {model} run of round {r} failed (return code "
+                           f"{run.returncode}); see {run.log_path}")
+      found[model].append(run.tokens_per_second)
+      commands.setdefault(model, runner.shell_quote(run.command))
+  sparse = sum(found["sparse"]) / rounds
+  dense = sum(found["dense"]) / rounds
+  return {"scale": scale, "train_steps": train_steps, "rounds": rounds,
+          "tokens_per_step": shape.tokens_per_step(), "sparse": found["sparse"],
+          "dense": found["dense"], "sparse_tokens_per_s": sparse, "dense_tokens_per_s": dense,
+          "ratio": sparse / dense, "commands": commands}
