@@ -246,6 +246,7 @@ class SettingsTest(absltest.TestCase):
         ("stability", {"scale": "l"}, "--tpu"),
         ("capacity", {"jobs": 0}, "--jobs=0"),
         ("capacity", {"targets_length": 1}, "--targets_length=1"),
+        ("stability", {"baseline_seeds": 0}, "--baseline_seeds=0"),
     ):
       with self.assertRaisesRegex(ValueError, needle.replace("(", r"\(").replace("[", r"\[")):
         tables.validate(table, common.Config(**changes))
@@ -256,6 +257,18 @@ class SettingsTest(absltest.TestCase):
                           capture_output=True, text=True, timeout=300)
     self.assertEqual(proc.returncode, 1)
     self.assertIn("--capacity_factors_eval=1.0,x: must be numbers", proc.stderr)
+
+  def test_baseline_trains_twice_the_seeds_as_in_the_paper(self):
+    # Table 3: the baseline on 6 seeds, every variant on 3.
+    config = common.Config(seeds=3, variants=("baseline", "router_z_loss"))
+    runs = stability.plan(config)
+    self.assertEqual(sorted(runs), [("baseline", s) for s in range(6)]
+                     + [("router_z_loss", s) for s in range(3)])
+    self.assertEqual(runs[("baseline", 5)].name, "stability_baseline_seed5")
+    self.assertIn("st_moe.seeded_train_dataset_fn.seed = 5",
+                  runs[("baseline", 5)].job.gin_params)
+    explicit = stability.plan(common.Config(seeds=3, baseline_seeds=4, variants=("baseline",)))
+    self.assertLen(explicit, 4)
 
   def test_every_paper_row_has_a_variant(self):
     self.assertLen(stability.VARIANTS, 7)

@@ -33,6 +33,8 @@ from st_moe.experiments.tables import stability
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("scale", "tiny", list(common.SCALES), "Model scale.")
 flags.DEFINE_integer("seeds", None, "Seeds per variant (default: 3 for stability, 1 otherwise).")
+flags.DEFINE_integer("baseline_seeds", None, "stability: seeds of the baseline (default: twice "
+                     "--seeds, as the paper's Table 3: 6 against 3).")
 flags.DEFINE_integer("steps", None, "Training steps per run (default: 200 at tiny scale).")
 flags.DEFINE_string("out", "reproduction_out", "Output folder (gs:// works).")
 flags.DEFINE_integer("batch_size", None, "Sequences per batch (default: 16 at tiny scale).")
@@ -71,7 +73,8 @@ def config_from_flags(table):
   tpu_flags = tuple(f"--{name}={getattr(FLAGS, name)}"
                     for name in ("tpu", "gcp_project", "tpu_zone") if getattr(FLAGS, name))
   return common.config_for(
-      table, FLAGS.scale, out=jobs.abspath(FLAGS.out), seeds=FLAGS.seeds, steps=FLAGS.steps,
+      table, FLAGS.scale, out=jobs.abspath(FLAGS.out), seeds=FLAGS.seeds,
+      baseline_seeds=FLAGS.baseline_seeds, steps=FLAGS.steps,
       batch_size=FLAGS.batch_size, inputs_length=FLAGS.inputs_length,
       targets_length=FLAGS.targets_length, eval_steps=FLAGS.eval_steps,
       checkpoint_every=FLAGS.checkpoint_every, jobs=FLAGS.jobs, task=FLAGS.task,

@@ -18,7 +18,7 @@ import io
 import os
 import shlex
 import sys
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 from st_moe.analysis import reporting
 from st_moe.experiments import jobs
@@ -40,6 +40,8 @@ class Config:
   scale: str = "tiny"
   out: str = "reproduction_out"
   seeds: int = 3
+  # stability: the baseline's seeds (None: twice --seeds, as the paper's Table 3: 6 and 3)
+  baseline_seeds: Optional[int] = None
   steps: int = 200
   batch_size: int = 16
   inputs_length: int = 64
@@ -101,6 +103,9 @@ def validate_common(config: Config):
   checks = [
       ("--scale", config.scale, config.scale in SCALES, f"one of {', '.join(SCALES)}"),
       ("--seeds", config.seeds, config.seeds >= 1, "an integer >= 1"),
+      ("--baseline_seeds", config.baseline_seeds,
+       config.baseline_seeds is None or config.baseline_seeds >= 1,
+       "an integer >= 1 (default: twice --seeds)"),
       ("--steps", config.steps, config.steps >= 1, "an integer >= 1"),
       ("--eval_steps", config.eval_steps, config.eval_steps >= 1, "an integer >= 1"),
       ("--checkpoint_every", config.checkpoint_every, config.checkpoint_every >= 1,

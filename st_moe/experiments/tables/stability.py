@@ -59,14 +59,22 @@ def validate(config: common.Config):
                      f"{', '.join(VARIANTS)}")
 
 
+def seeds_of(config: common.Config, variant):
+  """Seeds a variant trains: --seeds, and for the baseline --baseline_seeds (default twice
+  --seeds: the paper's Table 3 ran its baseline on 6 seeds and every variant on 3)."""
+  if variant != "baseline":
+    return config.seeds
+  return config.baseline_seeds or 2 * config.seeds
+
+
 def plan(config: common.Config):
   """{(variant, seed): Run} of the table."""
   return {(variant, seed): common.make_run(config, f"stability_{variant}_seed{seed}",
                                            "stability", seed, VARIANTS[variant][1])
-          for variant in variants(config) for seed in range(config.seeds)}
+          for variant in variants(config) for seed in range(seeds_of(config, variant))}
 
 
-def _last_router_value(runs, variant, seeds, key):
+def _last_router_value(runs, variant, seeds: int, key):
   """Mean +- std over the variant's seeds of a router metric at the last step a run logged
   (jobs.train's summary; a diverged run's last finite value counts: it shows the logits' growth);
   empty for a model without sparse layers or without a finite value."""
@@ -81,16 +89,17 @@ def rows(config: common.Config, runs, quality):
   for variant in variants(config):
     description, _, paper = VARIANTS[variant]
     stable_q, diverged_at = [], []
-    for seed in range(config.seeds):
+    seeds = seeds_of(config, variant)
+    for seed in range(seeds):
       run = runs[(variant, seed)]
       if run.diverged:
         diverged_at.append(f"seed {seed} at step {run.summary.get('diverged_step')}")
       else:
         stable_q.append(quality[(variant, seed)])
-    found.append([variant, description, f"{len(stable_q)}/{config.seeds}", common.pm(stable_q),
+    found.append([variant, description, f"{len(stable_q)}/{seeds}", common.pm(stable_q),
                   "; ".join(diverged_at) or "none",
-                  _last_router_value(runs, variant, config.seeds, "router_z_loss"),
-                  _last_router_value(runs, variant, config.seeds, "router_max_logit"),
+                  _last_router_value(runs, variant, seeds, "router_z_loss"),
+                  _last_router_value(runs, variant, seeds, "router_max_logit"),
                   paper[0], paper[1]])
   return found
 
@@ -117,7 +126,10 @@ def table(config: common.Config, show=print):
   reporting.plot_panels(panels, jobs.join(out, "stability_curves.png"),
                         f"Training loss per variant and seed ({config.scale}); x = stopped "
                         "as diverged", ylim=(max(0.0, low - 0.5), low + 8.0), stopped=stopped)
-  intro = (f"Scale `{config.scale}`, {config.seeds} seed(s) x {len(variants(config))} variants, "
+  baseline = (f" ({seeds_of(config, 'baseline')} for the baseline)"
+              if "baseline" in variants(config) else "")
+  intro = (f"Scale `{config.scale}`, {config.seeds} seed(s){baseline} x "
+           f"{len(variants(config))} variants, "
            f"{config.steps} steps of {config.batch_size} x ({config.inputs_length} + "
            f"{config.targets_length}) tokens on `{config.task}`; quality = negative log "
            f"perplexity per target token on the validation split ({config.eval_steps} batches), "
@@ -131,10 +143,8 @@ def table(config: common.Config, show=print):
            "max router logit: the largest logit of any token, both at the last training step "
            "logged, averaged over the sparse layers, mean +- std over the seeds (diverged ones "
            "included where finite).")
-  intro += (" A seed fixes the data order and the initial weights, and with resource variables "
-            "(st_moe.register.use_resource_variables) the first steps of a rerun are "
-            "bit-identical, but a remaining upstream race (Adafactor's decay reads the global "
-            "step unordered with its increment) and this learning rate's chaos let a rerun part "
-            "later: each cell is a sample; compare variants with more --seeds.")
+  intro += (" A seed fixes the data order, the initial weights and mesh_tensorflow's random ops "
+            "(st_moe.determinism, with resource variables: st_moe.register), so a rerun of a "
+            "seed repeats its run; seeds differ, so compare variants by their spread.")
   return common.write_table(out, "stability", HEADERS, rows(config, runs, quality), intro,
                             list(runs.values()), "![loss curves](stability_curves.png)")
