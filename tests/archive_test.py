@@ -15,13 +15,17 @@ from absl.testing import absltest
 import tensorflow as tf
 
 from st_moe.experiments import archive
+from st_moe.experiments import events
 from st_moe.experiments import jobs
 from st_moe.experiments import runner
+from st_moe.experiments.tables import sparse_vs_dense
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "tools", "archive_runs.py")
 LOSSES = {1: 5.5, 2: 5.25, 3: 4.75, 4: 4.5}  # step -> training loss of the finished run
 STEPS = 4
+LAYER = "decoder/block_001/SparseFFN"
+BALANCE, Z_LOSS = 2.0, 10.0  # every step: aux loss 0.01 x 2.0 + 0.001 x 10.0 = 0.03
 EVAL = {"step": STEPS, "eval_steps": 1, "gin_params": [], "eval_gin_files": ["perplexity_eval.gin"],
         "neg_log_perplexity": -4.25}
 
@@ -47,12 +51,16 @@ def make_run(out, name, finished):
   _write(os.path.join(d, f"model.ckpt-{last}.index"), "index")
   _write(os.path.join(d, f"model.ckpt-{last}.data-00000-of-00001"), "weights" * 100)
   _write(os.path.join(d, "logs", f"{name}.0.log"), "a log\n")
+  _write(os.path.join(d, "operative_config.gin"),
+         "balance_loss_coef = 0.01\nrouter_z_loss_coef = 0.001\n")
   writer = tf.summary.create_file_writer(d)
   with writer.as_default():
     for step, loss in LOSSES.items():
       if step <= last:
         tf.summary.scalar("loss", loss, step=step)
-        tf.summary.scalar("decoder/block_001/SparseFFN/router/entropy", 1.0, step=step)
+        tf.summary.scalar(f"{LAYER}/router/entropy", 1.0, step=step)
+        tf.summary.scalar(f"{LAYER}/router/balance_loss", BALANCE, step=step)
+        tf.summary.scalar(f"{LAYER}/router/z_loss", Z_LOSS, step=step)
   writer.close()
   if finished:
     _write(os.path.join(d, "train_done.json"),
@@ -80,7 +88,8 @@ class ArchiveTest(absltest.TestCase):
     self.assertEqual(os.listdir(self.archive), ["done_seed0"])  # the unfinished run stays out
     names = sorted(os.listdir(os.path.join(self.archive, "done_seed0")))
     self.assertEqual([n for n in names if not n.startswith("events.out.tfevents.")],
-                     ["checkpoint", "eval_cf2.json", "job.json", "trace_cf2", "train_done.json"])
+                     ["checkpoint", "eval_cf2.json", "job.json", "operative_config.gin",
+                      "trace_cf2", "train_done.json"])
     self.assertLen([n for n in names if n.startswith("events.out.tfevents.")], 1)
     self.assertEqual(sorted(os.listdir(os.path.join(self.archive, "done_seed0", "trace_cf2"))),
                      ["routing.json", "trace_meta.json"])
@@ -101,6 +110,14 @@ class ArchiveTest(absltest.TestCase):
     self.assertLen(lines, 1)  # no "evaluating" line: the cached result
     self.assertEqual(runner.steps_and_losses(job.model_dir),
                      (list(LOSSES), list(LOSSES.values())))
+    # The auxiliary losses came along (the entropy did not): the cross-entropy of steps 1-2 is
+    # (5.5 + 5.25) / 2 - 0.03 = 5.345, of steps 3-4 (4.75 + 4.5) / 2 - 0.03 = 4.595.
+    windows = sparse_vs_dense.cross_entropy_windows(job.model_dir, STEPS, windows=2)
+    self.assertEqual([round(w, 6) for w in windows], [5.345, 4.595])
+    reader = events.EventReader(job.model_dir)
+    reader.poll()
+    self.assertEqual(sorted(reader.scalars), [f"{LAYER}/router/balance_loss",
+                                              f"{LAYER}/router/z_loss", "loss"])
 
   def test_restore_never_overwrites_a_run_folder(self):
     archive.save(self.out, self.archive, show=lambda _: None)

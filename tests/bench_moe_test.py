@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 
 from absl.testing import absltest
 
@@ -73,32 +74,41 @@ class BenchMoeTest(absltest.TestCase):
     self.assertIn("--train_steps=2: must be >= 3", proc.stderr)
 
   def test_model_mode_runs_the_tables_models_in_alternating_order(self):
-    """sparse_vs_dense's orchestration with t5_mesh_transformer replaced by a stub that records
-    each run and reports a made-up throughput: folders, order, the table's gin files and the
-    ratio (by hand: sparse (900 + 1100) / 2 = 1000, dense (1250 + 1250) / 2 = 1250: 0.8)."""
-    from st_moe.experiments import bench_model  # pylint: disable=g-import-not-at-top
-    from st_moe.experiments import runner  # pylint: disable=g-import-not-at-top
-    seen = []
-    speeds = {"sparse_r0": 900.0, "dense_r0": 1250.0, "dense_r1": 1250.0, "sparse_r1": 1100.0}
-
-    def fake_run(model_dir, gin_files, gin_params=(), **kwargs):
-      label = kwargs["label"]
-      seen.append((label, os.path.basename(model_dir), list(gin_files), list(gin_params),
-                   kwargs["tokens_per_step"]))
-      return runner.RunResult(model_dir=model_dir, command=["t5_mesh_transformer"],
-                              returncode=0, steps=[1, 2, 3], losses=[9.0, 8.0, 7.0],
-                              tokens_per_second=speeds[label])
-
-    original = runner.run
-    runner.run = fake_run
-    try:
-      with tempfile.TemporaryDirectory() as workdir:
-        r = bench_model.sparse_vs_dense(workdir, scale="small", train_steps=5, rounds=2,
-                                        show=lambda line: None)
-    finally:
-      runner.run = original
-    self.assertEqual([s[0] for s in seen], ["sparse_r0", "dense_r0", "dense_r1", "sparse_r1"])
-    self.assertEqual([s[1] for s in seen], ["sparse_r0", "dense_r0", "dense_r1", "sparse_r1"])
+    """tools/bench_moe.py --mode=model, flags to output, with only t5_mesh_transformer replaced
+    (runner.run stubbed in the tool's process: it records each run and reports a made-up
+    throughput): folders, order, the table's gin files and shape, and the ratio, by hand: sparse
+    (900 + 1100) / 2 = 1000, dense (1250 + 1250) / 2 = 1250: 0.8."""
+    driver = textwrap.dedent("""
+        import json, os, runpy, sys
+        from st_moe.experiments import runner
+        speeds = {"sparse_r0": 900.0, "dense_r0": 1250.0, "dense_r1": 1250.0,
+                  "sparse_r1": 1100.0}
+        def fake_run(model_dir, gin_files, gin_params=(), **kwargs):
+          with open(os.environ["RECORD"], "a") as f:
+            f.write(json.dumps([kwargs["label"], model_dir, list(gin_files), list(gin_params),
+                                kwargs["tokens_per_step"]]) + "\\n")
+          return runner.RunResult(model_dir=model_dir, command=["t5_mesh_transformer"],
+                                  returncode=0, steps=[1, 2, 3], losses=[9.0, 8.0, 7.0],
+                                  tokens_per_second=speeds[kwargs["label"]])
+        runner.run = fake_run
+        sys.argv = sys.argv[1:]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+        """)
+    with tempfile.TemporaryDirectory() as tmp:
+      record = os.path.join(tmp, "runs.jsonl")
+      workdir = os.path.join(tmp, "work")
+      proc = subprocess.run(
+          [sys.executable, "-c", driver, os.path.join(REPO, "tools", "bench_moe.py"),
+           "--mode=model", "--scale=small", "--train_steps=5", "--rounds=2", "--json",
+           f"--workdir={workdir}"],
+          capture_output=True, text=True, timeout=600, cwd=tmp,
+          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", RECORD=record))
+      self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+      with open(record) as f:
+        seen = [json.loads(line) for line in f]
+    labels = ["sparse_r0", "dense_r0", "dense_r1", "sparse_r1"]
+    self.assertEqual([s[0] for s in seen], labels)
+    self.assertEqual([s[1] for s in seen], [os.path.join(workdir, l) for l in labels])
     self.assertEqual(seen[0][2], ["dataset.gin", "st_moe_small.gin", "cpu.gin",
                                   "reproduce_tiny.gin"])
     self.assertEqual(seen[1][2], ["dataset.gin", "dense_small.gin", "cpu.gin",
@@ -107,6 +117,7 @@ class BenchMoeTest(absltest.TestCase):
     self.assertEqual(seen[0][4], 32 * (128 + 32))
     self.assertIn("MIXTURE_NAME = 'st_moe_embedded_docs_span_corruption'", seen[0][3])
     self.assertIn("utils.run.train_steps = 5", seen[0][3])
+    r = json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][-1])
     self.assertEqual(r["sparse"], [900.0, 1100.0])
     self.assertEqual(r["dense"], [1250.0, 1250.0])
     self.assertAlmostEqual(r["ratio"], 0.8)

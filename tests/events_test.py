@@ -116,6 +116,23 @@ class StepMetricsTest(absltest.TestCase):
     self.assertEqual(metrics[2], {"consecutive_skipped": 1.0})
     self.assertEqual(metrics[1]["consecutive_skipped"], 0.0)
 
+  def test_cross_entropy_is_the_loss_less_weighted_aux_losses_by_hand(self):
+    enc, dec = "encoder/block_001/sparse_ffn/SparseFFN", "decoder/block_001/sparse_ffn/SparseFFN"
+    scalars = {
+        "loss": {1: 5.0, 2: 4.0, 3: 3.0},
+        f"{enc}/router/balance_loss": {1: 1.0, 2: 1.5, 3: 1.0},
+        f"{dec}/router/balance_loss": {1: 2.0, 2: 2.5},  # step 3: missing in one layer
+        f"{enc}/router/z_loss": {1: 10.0, 2: 20.0, 3: 1.0},
+        f"{dec}/router/z_loss": {1: 30.0, 2: 40.0, 3: 1.0},
+    }
+    found = events.cross_entropy_by_step(scalars, 0.01, 0.001)
+    # Step 1: 5 - (0.01 x (1 + 2) + 0.001 x (10 + 30)) = 5 - 0.07; step 2: 4 - (0.04 + 0.06).
+    self.assertEqual(sorted(found), [1, 2])
+    self.assertAlmostEqual(found[1], 4.93)
+    self.assertAlmostEqual(found[2], 3.9)
+    # A dense model: the loss itself.
+    self.assertEqual(events.cross_entropy_by_step({"loss": {1: 5.0}}, 0.01, 0.001), {1: 5.0})
+
   def test_evaluations_by_folder_and_step(self):
     with tempfile.TemporaryDirectory() as d:
       ev = os.path.join(d, "eval_validation_8")

@@ -294,6 +294,20 @@ class SparseVsDenseArithmeticTest(absltest.TestCase):
     self.assertIn("NOT better", sparse_vs_dense.verdict(-0.01, 0.02))
     self.assertIn("spread unknown", sparse_vs_dense.verdict(0.1, None))
 
+  def test_window_rows_average_seeds_and_show_dense_minus_sparse(self):
+    config = common.Config(steps=20)
+    windows = sparse_vs_dense.WINDOWS
+    sparse = [[5.0] * windows, [4.0] * (windows - 1) + [None]]  # seed 1 lacks the last window
+    dense = [[4.75] * windows, [4.75] * windows]
+    headers, rows = sparse_vs_dense.window_rows(config, {"sparse": sparse, "dense": dense})
+    self.assertEqual(headers[:3], ["steps", "1-2", "3-4"])
+    self.assertEqual(headers[-1], "19-20")
+    self.assertEqual(rows[0][1], "4.5000")  # (5 + 4) / 2
+    self.assertEqual(rows[0][-1], "5.0000")  # seed 0 alone
+    self.assertEqual(rows[1][1], "4.7500")
+    self.assertEqual(rows[2][1], "+0.2500")  # 4.75 - 4.5: the sparse model ahead
+    self.assertEqual(rows[2][-1], "-0.2500")
+
 
 class EntropyTablesArithmeticTest(absltest.TestCase):
   """Tables 13 and 14 from hand-made traced layers (tracing.analyse's keys)."""

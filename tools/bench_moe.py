@@ -98,7 +98,7 @@ def _model_mode():
     raise app.UsageError(f"--rounds={FLAGS.rounds}: must be >= 1")
   workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="bench_moe_model_")
   r = bench_model.sparse_vs_dense(workdir, scale=FLAGS.scale, train_steps=FLAGS.train_steps,
-                                  rounds=FLAGS.rounds, gin_params=FLAGS.gin_param)
+                                  rounds=FLAGS.rounds, gin_params=FLAGS.gin_param or ())
   if FLAGS.json:
     print(json.dumps(r), flush=True)
     return

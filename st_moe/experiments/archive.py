@@ -12,7 +12,9 @@ What a finished run keeps (everything else, its checkpoints above all, is left o
     evaluations are keyed on); operative_config.gin, the record of what it trained;
   - its routing traces (trace_*/: routing.json, trace_meta.json, routing.md and the PNGs);
   - its training curve: one event file with the `loss` scalar of every step, read by
-    st_moe.experiments.runner.steps_and_losses like the run's own event files.
+    st_moe.experiments.runner.steps_and_losses like the run's own event files, and each sparse
+    layer's auxiliary losses of every step (`<scope>/router/balance_loss` and `.../z_loss`: what
+    st_moe.experiments.tables.sparse_vs_dense subtracts from the loss for the cross-entropy).
 A run that is still training (neither train_done.json nor diverged.json) is not archived: it
 resumes from its checkpoints, which only its own output folder has.
 
@@ -45,26 +47,35 @@ def finished_runs(runs_dir) -> List[str]:
                 if any(gfile.exists(jobs.join(runs_dir, name.rstrip("/"), f)) for f in FINISHED))
 
 
+def _archived_tag(tag):
+  """The training loss and each sparse layer's two auxiliary losses."""
+  return tag == events.LOSS_TAG or any(
+      tag.endswith(events.ROUTER_TAG_INFIX + metric) for metric in events.AUX_LOSS_METRICS)
+
+
 def _write_curve(model_dir, dest_dir):
-  """One event file in dest_dir with model_dir's training loss per step (later attempts win)."""
+  """One event file in dest_dir with model_dir's training loss per step and its sparse layers'
+  auxiliary losses (later attempts win)."""
   tf = _tf()
   from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
   from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
-  reader = events.EventReader(model_dir, lambda tag: tag == events.LOSS_TAG)
+  reader = events.EventReader(model_dir, _archived_tag)
   reader.poll()
   curve = reader.scalars.get(events.LOSS_TAG, {})
   times = reader.wall_times.get(events.LOSS_TAG, {})
   if not curve:
     return None
   first = int(min(times.values())) if times else 0
+  tags = [events.LOSS_TAG] + sorted(t for t in reader.scalars if t != events.LOSS_TAG)
   path = jobs.join(dest_dir, ARCHIVED_EVENTS.format(time=first))
   with tf.io.TFRecordWriter(path) as writer:
     writer.write(event_pb2.Event(wall_time=float(first), file_version="brain.Event:2")
                  .SerializeToString())
     for step in sorted(curve):
-      value = summary_pb2.Summary.Value(tag=events.LOSS_TAG, simple_value=float(curve[step]))
+      values = [summary_pb2.Summary.Value(tag=tag, simple_value=float(reader.scalars[tag][step]))
+                for tag in tags if step in reader.scalars[tag]]
       writer.write(event_pb2.Event(wall_time=float(times.get(step, first)), step=int(step),
-                                   summary=summary_pb2.Summary(value=[value])).SerializeToString())
+                                   summary=summary_pb2.Summary(value=values)).SerializeToString())
   return path
 
 

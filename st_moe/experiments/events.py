@@ -29,6 +29,9 @@ import numpy as np
 
 EVENTS_GLOB = "events.out.tfevents.*"
 ROUTER_TAG_INFIX = "/router/"  # st_moe.summaries.ROUTER_TAG_INFIX (no TensorFlow import here)
+# The router metrics that are auxiliary losses (unscaled): the training loss is the cross-entropy
+# plus, per sparse layer, balance_loss_coef x balance_loss + router_z_loss_coef x z_loss.
+AUX_LOSS_METRICS = ("balance_loss", "z_loss")
 LOSS_TAG = "loss"
 GUARD_CONSECUTIVE_TAG = "st_moe_guard/consecutive_skipped"  # st_moe.guard.CONSECUTIVE_SUMMARY
 GUARD_SKIPPED_TAG = "st_moe_guard/skipped_steps"  # st_moe.guard.SKIPPED_SUMMARY
@@ -235,6 +238,29 @@ def router_by_step(scalars) -> Dict[int, Dict[str, float]]:
       row["max_expert_share"] = max(shares)
       row["num_experts"] = min(experts)
     found[step] = row
+  return found
+
+
+def cross_entropy_by_step(scalars, balance_loss_coef, router_z_loss_coef) -> Dict[int, float]:
+  """{step: the training loss less the sparse layers' weighted auxiliary losses}.
+
+  loss - sum over layers of (balance_loss_coef x balance_loss + router_z_loss_coef x z_loss), for
+  the steps where every layer wrote both; the loss itself for a model without sparse layers.
+  """
+  loss = scalars.get(LOSS_TAG, {})
+  layers = router_layers(scalars)
+  found = {}
+  for step, value in loss.items():
+    aux = 0.0
+    for metrics in layers.values():
+      balance = metrics.get("balance_loss", {}).get(step)
+      z_loss = metrics.get("z_loss", {}).get(step)
+      if balance is None or z_loss is None:
+        aux = None
+        break
+      aux += balance_loss_coef * balance + router_z_loss_coef * z_loss
+    if aux is not None:
+      found[step] = value - aux
   return found
 
 

@@ -9,8 +9,10 @@ The effect is the difference of the two means; the spread the pooled sample stan
 the runs about their model's mean; "effect / spread" >= 3 is what the issue asks to see.
 """
 import math
+import re
 
 from st_moe.analysis import reporting
+from st_moe.experiments import events
 from st_moe.experiments import jobs
 from st_moe.experiments import runner
 from st_moe.experiments.tables import capacity
@@ -32,6 +34,55 @@ def make_run(config: common.Config, model, seed) -> common.Run:
   if model == "sparse":
     return capacity.make_run(config, 1.25, seed)
   return common.make_run(config, f"dense_seed{seed}", "sparse_vs_dense", seed, [], dense=True)
+
+
+WINDOWS = 10  # the training cross-entropy is shown as the mean over each tenth of the run
+
+
+def aux_loss_coefs(model_dir):
+  """(balance_loss_coef, router_z_loss_coef) of a run, read from its operative_config.gin (the
+  macros the model files bind); (0.0, 0.0) where it has none (a dense model)."""
+  text = jobs.read_text(jobs.join(model_dir, "operative_config.gin"))
+  coefs = []
+  for name in ("balance_loss_coef", "router_z_loss_coef"):
+    found = re.search(rf"^{name} = (\S+)$", text, re.MULTILINE)
+    coefs.append(float(found.group(1)) if found else 0.0)
+  return tuple(coefs)
+
+
+def cross_entropy_windows(model_dir, steps, windows=WINDOWS):
+  """Mean training cross-entropy (the loss less the weighted auxiliary losses,
+  events.cross_entropy_by_step) over each of `windows` equal spans of steps 1..steps; None for a
+  span without a step."""
+  reader = events.EventReader(model_dir, lambda tag: tag == events.LOSS_TAG or any(
+      tag.endswith(events.ROUTER_TAG_INFIX + m) for m in events.AUX_LOSS_METRICS))
+  reader.poll()
+  by_step = events.cross_entropy_by_step(reader.scalars, *aux_loss_coefs(model_dir))
+  found = []
+  for w in range(windows):
+    lo, hi = steps * w // windows, steps * (w + 1) // windows
+    values = [v for s, v in by_step.items() if lo < s <= hi]
+    found.append(sum(values) / len(values) if values else None)
+  return found
+
+
+def window_rows(config, ce):
+  """Rows of the training cross-entropy table: {model: [per-seed window lists]} -> the mean over
+  seeds per window for each model, and the dense minus sparse difference (> 0: sparse ahead)."""
+  means = {}
+  for model, per_seed in ce.items():
+    means[model] = []
+    for w in range(WINDOWS):
+      values = [seed[w] for seed in per_seed if seed and seed[w] is not None]
+      means[model].append(sum(values) / len(values) if values else None)
+  gap = [None if None in (d, s) else d - s for d, s in zip(means["dense"], means["sparse"])]
+  headers = ["steps"] + [f"{config.steps * w // WINDOWS + 1}-{config.steps * (w + 1) // WINDOWS}"
+                         for w in range(WINDOWS)]
+  rows = [[f"{model} (mean over seeds)"] + ["" if v is None else f"{v:.4f}" for v in means[model]]
+          for model in MODELS]
+  rows.append(["sparse ahead by (dense - sparse)"] + ["" if v is None else f"{v:+.4f}"
+                                                       for v in gap])
+  return headers, rows
 
 
 def pooled_std(groups):
@@ -79,7 +130,7 @@ def table(config: common.Config, show=print):
   evals = dict(zip(runs, jobs.run_all(list(runs.values()), prepare, config.jobs, show)))
   quality = {m: [evals[(m, s)]["neg_log_perplexity"] if evals[(m, s)] else None
                  for s in range(config.seeds)] for m in MODELS}
-  rows, curves, validation = [], {}, {}
+  rows, curves, validation, ce = [], {}, {}, {}
   for model in MODELS:
     model_runs = [runs[(model, s)] for s in range(config.seeds)]
     gin_file = common.model_gin_files(config, "sparse_vs_dense", dense=model == "dense")[0]
@@ -97,6 +148,7 @@ def table(config: common.Config, show=print):
         None if tps is None else round(tps),
         None if wall is None else runner.format_seconds(wall),
         f"{sum(not r.diverged for r in model_runs)}/{len(model_runs)}", PAPER[model]])
+    ce[model] = [cross_entropy_windows(run.model_dir, config.steps) for run in model_runs]
     for seed, run in enumerate(model_runs):
       curves[f"{model} seed {seed}"] = runner.steps_and_losses(run.model_dir)
       if quality[model][seed] is not None:
@@ -120,12 +172,18 @@ def table(config: common.Config, show=print):
            f"training time of a run ({config.jobs} run(s) at once on this machine). The paper's "
            "column: Table 8 (C4, 100k steps of 1M tokens; Dense-L against top-2 ST-MoE-L at train "
            "CF 1.25, eval CF 2.0: +0.105).")
+  window_headers, windows = window_rows(config, ce)
   extra = "\n".join([
       f"**Effect** (sparse minus dense NLP): {'' if effect is None else f'{effect:+.4f}'}; "
       f"**spread** (pooled sample std over seeds): {'' if spread is None else f'{spread:.4f}'}.",
       "", f"Verdict: {summary}.", "",
+      "Training cross-entropy over each tenth of the run (the training loss less the sparse "
+      "layers' balance and router z-losses times their coefficients, from the event files; one "
+      "batch per step, so each window is a mean over its steps and the seeds):", "",
+      reporting.markdown_table(window_headers, windows), "",
       "![loss curves](sparse_vs_dense.png)"])
   jobs.write_json(jobs.join(out, "sparse_vs_dense.json"),
-                  {"quality": quality, "effect": effect, "spread": spread, "verdict": summary})
+                  {"quality": quality, "effect": effect, "spread": spread, "verdict": summary,
+                   "train_cross_entropy_windows": ce})
   return common.write_table(out, "sparse_vs_dense", HEADERS, rows, intro, list(runs.values()),
                             extra)
