@@ -97,6 +97,9 @@ class ReportingTest(absltest.TestCase):
               [1.0, 1.25], [1.0, 2.0], os.path.join(d, "capacity.png"), "Capacity"),
           reporting.plot_capacity_grid([[[-2.1], [-2.0]]], [1.25], [1.0, 2.0],
                                        os.path.join(d, "capacity_one_seed.png"), "One seed"),
+          reporting.plot_gap([(1, 100), (101, 200), (201, 300)], [0.02, None, -0.03],
+                             os.path.join(d, "gap.png"), "Sparse ahead by",
+                             point=(300, -0.027, 0.017, "validation")),
       ]
       for path in paths:
         with open(path, "rb") as f:

@@ -163,7 +163,8 @@ def plot_heatmap(matrix, row_labels, col_labels, path, title, value_format="{:.2
                      f"{len(row_labels)} row labels x {len(col_labels)} column labels")
   plt = _pyplot()
   height = max(2.5, 0.32 * len(row_labels) + 1.5)
-  width = max(4.0, 1.0 * len(col_labels) + 2.0)
+  # wide enough for the title too (about 0.08 inch per character at font size 10, plus the bar)
+  width = max(4.0, 1.0 * len(col_labels) + 2.0, 0.08 * len(title) + 1.5)
   fig, ax = plt.subplots(figsize=(width, height), dpi=110)
   im = ax.imshow(matrix, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax)
   ax.set_xticks(range(len(col_labels)), labels=col_labels, rotation=30, ha="right", fontsize=8)
@@ -225,6 +226,40 @@ def plot_loss_curves(train, path, title, validation=None, window=None, ylabel="l
   ax.grid(alpha=0.3)
   if train or validation:
     ax.legend(fontsize=8)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def plot_gap(windows, gaps, path, title, point=None, ylabel="sparse ahead by (nats)",
+             xlabel="step"):
+  """A difference between two models over training as bars around a zero line, so that the sign
+  and its change read at a glance; optionally one point with an error bar (e.g. the validation
+  effect and its seed spread at the last step).
+
+  Args:
+    windows: [(first step, last step)] of each bar.
+    gaps: a value per window (None: no bar); > 0 drawn in blue, < 0 in orange.
+    path: output file (.png, local or gs://).
+    title: the figure's title.
+    point: optional (step, value, error, label).
+  """
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 3.8), dpi=110)
+  for (first, last), gap in zip(windows, gaps):
+    if gap is None:
+      continue
+    ax.bar((first + last) / 2, gap, width=0.9 * (last - first + 1),
+           color="tab:blue" if gap > 0 else "tab:orange", alpha=0.8)
+  ax.axhline(0.0, color="black", linewidth=0.8)
+  if point is not None:
+    step, value, error, label = point
+    ax.errorbar([step], [value], yerr=None if error is None else [error], fmt="o",
+                color="black", capsize=4, label=label)
+    ax.legend(fontsize=8, loc="best")
+  ax.set_title(title, fontsize=10)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3, axis="y")
   fig.tight_layout()
   return _save(fig, path)
 

@@ -66,9 +66,14 @@ def cross_entropy_windows(model_dir, steps, windows=WINDOWS):
   return found
 
 
-def window_rows(config, ce):
-  """Rows of the training cross-entropy table: {model: [per-seed window lists]} -> the mean over
-  seeds per window for each model, and the dense minus sparse difference (> 0: sparse ahead)."""
+def windows_of(steps):
+  """[(first step, last step)] of the WINDOWS spans of a run of `steps` steps."""
+  return [(steps * w // WINDOWS + 1, steps * (w + 1) // WINDOWS) for w in range(WINDOWS)]
+
+
+def window_gaps(ce):
+  """{model: [per-seed window lists]} -> ({model: mean over seeds per window}, [dense minus
+  sparse per window] (> 0: the sparse model ahead))."""
   means = {}
   for model, per_seed in ce.items():
     means[model] = []
@@ -76,8 +81,14 @@ def window_rows(config, ce):
       values = [seed[w] for seed in per_seed if seed and seed[w] is not None]
       means[model].append(sum(values) / len(values) if values else None)
   gap = [None if None in (d, s) else d - s for d, s in zip(means["dense"], means["sparse"])]
-  headers = ["steps"] + [f"{config.steps * w // WINDOWS + 1}-{config.steps * (w + 1) // WINDOWS}"
-                         for w in range(WINDOWS)]
+  return means, gap
+
+
+def window_rows(config, ce):
+  """Rows of the training cross-entropy table: {model: [per-seed window lists]} -> the mean over
+  seeds per window for each model, and the dense minus sparse difference (> 0: sparse ahead)."""
+  means, gap = window_gaps(ce)
+  headers = ["steps"] + [f"{first}-{last}" for first, last in windows_of(config.steps)]
   rows = [[f"{model} (mean over seeds)"] + ["" if v is None else f"{v:.4f}" for v in means[model]]
           for model in MODELS]
   rows.append(["sparse ahead by (dense - sparse)"] + ["" if v is None else f"{v:+.4f}"
@@ -173,6 +184,12 @@ def table(config: common.Config, show=print):
            "column: Table 8 (C4, 100k steps of 1M tokens; Dense-L against top-2 ST-MoE-L at train "
            "CF 1.25, eval CF 2.0: +0.105).")
   window_headers, windows = window_rows(config, ce)
+  reporting.plot_gap(
+      windows_of(config.steps), window_gaps(ce)[1], jobs.join(out, "sparse_vs_dense_gap.png"),
+      "Sparse ahead of its dense twin by: training cross-entropy per tenth (bars, dense - "
+      "sparse),\nvalidation NLP at the end (point: sparse - dense, +- the pooled seed spread)",
+      point=None if effect is None else (config.steps, effect, spread,
+                                         "validation NLP, sparse - dense"))
   extra = "\n".join([
       f"**Effect** (sparse minus dense NLP): {'' if effect is None else f'{effect:+.4f}'}; "
       f"**spread** (pooled sample std over seeds): {'' if spread is None else f'{spread:.4f}'}.",
@@ -181,6 +198,7 @@ def table(config: common.Config, show=print):
       "layers' balance and router z-losses times their coefficients, from the event files; one "
       "batch per step, so each window is a mean over its steps and the seeds):", "",
       reporting.markdown_table(window_headers, windows), "",
+      "![the gap over training](sparse_vs_dense_gap.png)", "",
       "![loss curves](sparse_vs_dense.png)"])
   jobs.write_json(jobs.join(out, "sparse_vs_dense.json"),
                   {"quality": quality, "effect": effect, "spread": spread, "verdict": summary,
