@@ -1,11 +1,12 @@
 r"""Layer benchmark (our sparse FFN against upstream MoE1D and the matmul limit), and with
 --mode=model the tables' sparse model against its FLOP-matched dense twin, trained end to end.
 
---mode=layer (the default): for each number of experts, times one training step (forward, backward including the input's
-gradient, SGD update) of both layers built with the same settings, alternating with a matmul of
-the expert size; checks first that both give the same output on the same weights. What is timed
-and how the efficiency is counted: st_moe/experiments/bench_layer.py. The model-level benchmark
-(st_moe_tiny through t5_mesh_transformer, ours against upstream) is tools/bench_model.py.
+--mode=layer (the default): for each number of experts, times one training step (forward,
+backward including the input's gradient, SGD update) of both layers built with the same settings,
+alternating with a matmul of the expert size; checks first that both give the same output on the
+same weights. What is timed and how the efficiency is counted: st_moe/experiments/bench_layer.py.
+The model-level benchmark (st_moe_tiny through t5_mesh_transformer, ours against upstream) is
+tools/bench_model.py.
 
 --mode=model: trains the --scale's sparse model and its dense twin (small: st_moe_small.gin and
 dense_small.gin) as `tools/reproduce.py sparse_vs_dense` trains them (same gin files, batch,
