@@ -294,6 +294,15 @@ class SparseVsDenseArithmeticTest(absltest.TestCase):
     self.assertIn("NOT better", sparse_vs_dense.verdict(-0.01, 0.02))
     self.assertIn("spread unknown", sparse_vs_dense.verdict(0.1, None))
 
+  def test_windows_of_a_run_without_operative_config_are_empty(self):
+    with tempfile.TemporaryDirectory() as d:  # no operative_config.gin: the coefficients unknown
+      self.assertIsNone(sparse_vs_dense.aux_loss_coefs(d))
+      self.assertEqual(sparse_vs_dense.cross_entropy_windows(d, 20, windows=2), [None, None])
+      with open(os.path.join(d, "operative_config.gin"), "w") as f:
+        f.write("balance_loss_coef = 0.02\nrouter_z_loss_coef = 0.001\n"
+                "encoder/SparseFFN.balance_loss_coef = %balance_loss_coef\n")
+      self.assertEqual(sparse_vs_dense.aux_loss_coefs(d), (0.02, 0.001))
+
   def test_window_rows_average_seeds_and_show_dense_minus_sparse(self):
     config = common.Config(steps=20)
     windows = sparse_vs_dense.WINDOWS

@@ -41,8 +41,12 @@ WINDOWS = 10  # the training cross-entropy is shown as the mean over each tenth 
 
 def aux_loss_coefs(model_dir):
   """(balance_loss_coef, router_z_loss_coef) of a run, read from its operative_config.gin (the
-  macros the model files bind); (0.0, 0.0) where it has none (a dense model)."""
-  text = jobs.read_text(jobs.join(model_dir, "operative_config.gin"))
+  macros the model files bind); (0.0, 0.0) where it has none (a dense model); None without an
+  operative_config.gin (a run stopped before t5_mesh_transformer wrote it)."""
+  path = jobs.join(model_dir, "operative_config.gin")
+  if not jobs.exists(path):
+    return None
+  text = jobs.read_text(path)
   coefs = []
   for name in ("balance_loss_coef", "router_z_loss_coef"):
     found = re.search(rf"^{name} = (\S+)$", text, re.MULTILINE)
@@ -53,11 +57,14 @@ def aux_loss_coefs(model_dir):
 def cross_entropy_windows(model_dir, steps, windows=WINDOWS):
   """Mean training cross-entropy (the loss less the weighted auxiliary losses,
   events.cross_entropy_by_step) over each of `windows` equal spans of steps 1..steps; None for a
-  span without a step."""
+  span without a step; all None for a run without its operative_config.gin."""
+  coefs = aux_loss_coefs(model_dir)
+  if coefs is None:
+    return [None] * windows
   reader = events.EventReader(model_dir, lambda tag: tag == events.LOSS_TAG or any(
       tag.endswith(events.ROUTER_TAG_INFIX + m) for m in events.AUX_LOSS_METRICS))
   reader.poll()
-  by_step = events.cross_entropy_by_step(reader.scalars, *aux_loss_coefs(model_dir))
+  by_step = events.cross_entropy_by_step(reader.scalars, *coefs)
   found = []
   for w in range(windows):
     lo, hi = steps * w // windows, steps * (w + 1) // windows
