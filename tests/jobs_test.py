@@ -225,7 +225,7 @@ class StabilityRowsTest(absltest.TestCase):
   """The table's bookkeeping of stable and diverged seeds, on summaries given by hand."""
 
   def test_diverged_seed_is_listed_and_left_out_of_quality(self):
-    config = common.Config(seeds=3, variants=("baseline",))
+    config = common.Config(seeds=3, baseline_seeds=3, variants=("baseline",))
     runs = stability.plan(config)
     runs[("baseline", 0)].summary = {"status": "done", "router_z_loss": 2.0,
                                      "router_max_logit": 1.0}
