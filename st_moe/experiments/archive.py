@@ -47,19 +47,13 @@ def finished_runs(runs_dir) -> List[str]:
                 if any(gfile.exists(jobs.join(runs_dir, name.rstrip("/"), f)) for f in FINISHED))
 
 
-def _archived_tag(tag):
-  """The training loss and each sparse layer's two auxiliary losses."""
-  return tag == events.LOSS_TAG or any(
-      tag.endswith(events.ROUTER_TAG_INFIX + metric) for metric in events.AUX_LOSS_METRICS)
-
-
 def _write_curve(model_dir, dest_dir):
   """One event file in dest_dir with model_dir's training loss per step and its sparse layers'
   auxiliary losses (later attempts win)."""
   tf = _tf()
   from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
   from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
-  reader = events.EventReader(model_dir, _archived_tag)
+  reader = events.EventReader(model_dir, events.is_loss_or_aux_loss)
   reader.poll()
   curve = reader.scalars.get(events.LOSS_TAG, {})
   times = reader.wall_times.get(events.LOSS_TAG, {})

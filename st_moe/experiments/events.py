@@ -32,11 +32,17 @@ ROUTER_TAG_INFIX = "/router/"  # st_moe.summaries.ROUTER_TAG_INFIX (no TensorFlo
 # The router metrics that are auxiliary losses (unscaled): the training loss is the cross-entropy
 # plus, per sparse layer, balance_loss_coef x balance_loss + router_z_loss_coef x z_loss.
 AUX_LOSS_METRICS = ("balance_loss", "z_loss")
+
 LOSS_TAG = "loss"
 GUARD_CONSECUTIVE_TAG = "st_moe_guard/consecutive_skipped"  # st_moe.guard.CONSECUTIVE_SUMMARY
 GUARD_SKIPPED_TAG = "st_moe_guard/skipped_steps"  # st_moe.guard.SKIPPED_SUMMARY
 _HEADER = struct.Struct("<QI")  # record length, masked crc32c of the length
 _FOOTER_BYTES = 4  # masked crc32c of the data
+
+
+def is_loss_or_aux_loss(tag):
+  """The training loss and the sparse layers' auxiliary losses: cross_entropy_by_step's input."""
+  return tag == LOSS_TAG or any(tag.endswith(ROUTER_TAG_INFIX + m) for m in AUX_LOSS_METRICS)
 
 
 def _tf():

@@ -61,21 +61,19 @@ def cross_entropy_windows(model_dir, steps, windows=WINDOWS):
   coefs = aux_loss_coefs(model_dir)
   if coefs is None:
     return [None] * windows
-  reader = events.EventReader(model_dir, lambda tag: tag == events.LOSS_TAG or any(
-      tag.endswith(events.ROUTER_TAG_INFIX + m) for m in events.AUX_LOSS_METRICS))
+  reader = events.EventReader(model_dir, events.is_loss_or_aux_loss)
   reader.poll()
   by_step = events.cross_entropy_by_step(reader.scalars, *coefs)
   found = []
-  for w in range(windows):
-    lo, hi = steps * w // windows, steps * (w + 1) // windows
-    values = [v for s, v in by_step.items() if lo < s <= hi]
+  for first, last in windows_of(steps, windows):
+    values = [v for s, v in by_step.items() if first <= s <= last]
     found.append(sum(values) / len(values) if values else None)
   return found
 
 
-def windows_of(steps):
-  """[(first step, last step)] of the WINDOWS spans of a run of `steps` steps."""
-  return [(steps * w // WINDOWS + 1, steps * (w + 1) // WINDOWS) for w in range(WINDOWS)]
+def windows_of(steps, windows=WINDOWS):
+  """[(first step, last step)] of the `windows` equal spans of a run of `steps` steps."""
+  return [(steps * w // windows + 1, steps * (w + 1) // windows) for w in range(windows)]
 
 
 def window_gaps(ce):
