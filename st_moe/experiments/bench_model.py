@@ -113,7 +113,10 @@ def sparse_vs_dense(workdir, scale="small", train_steps=30, rounds=1, gin_params
     ValueError: a bad setting, before any run; or workdir already holds a trained run.
     RuntimeError: a run failed or measured no throughput.
   """
-  from st_moe.experiments.tables import common  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from st_moe.experiments.tables import common
+  from st_moe.experiments.tables import sparse_vs_dense as svd_table
+  # pylint: enable=g-import-not-at-top
   if scale not in common.CPU_SCALES:
     raise ValueError(f"scale={scale!r}: must be one of {', '.join(common.CPU_SCALES)} (the CPU "
                      "scales; l and 32b train on a TPU pod)")
@@ -134,14 +137,11 @@ def sparse_vs_dense(workdir, scale="small", train_steps=30, rounds=1, gin_params
       if runner.latest_checkpoint_step(model_dir):
         raise ValueError(f"workdir={workdir!r} already holds a trained {model} run; give an "
                          "empty directory (a resumed run would train no steps)")
-      files = ["dataset.gin"] + common.model_gin_files(config, "sparse_vs_dense",
-                                                       dense=model == "dense")
-      params = [f"MIXTURE_NAME = '{config.task}'"] + shape.gin_params() + [
-          "st_moe.seeded_train_dataset_fn.seed = 0",
-          f"utils.run.train_steps = {train_steps}",
-          f"utils.run.save_checkpoints_steps = {train_steps}",
-      ] + list(gin_params)
-      run = runner.run(model_dir, files, params, tokens_per_step=shape.tokens_per_step(),
+      job = svd_table.make_run(config, model, 0).job  # the table's seed-0 run
+      params = job.run_params() + [f"utils.run.train_steps = {train_steps}",
+                                   f"utils.run.save_checkpoints_steps = {train_steps}"]
+      run = runner.run(model_dir, job.run_files(), params + list(gin_params),
+                       tokens_per_step=shape.tokens_per_step(),
                        label=f"{model}_r{r}", every=max(1, train_steps // 3), show=show)
       if not run.ok or not run.tokens_per_second:
         raise RuntimeError(f"the {model} run of round {r} failed (return code "
