@@ -255,6 +255,21 @@ class GinModelsTest(absltest.TestCase):
     self.assertEqual(q("st_moe.SparseFFN.capacity_factor_eval"), 4.0)
     self.assertEqual(q("utils.run.mode"), "eval")
 
+  def test_stability_small_is_bfloat16_with_a_warmed_up_constant_learning_rate(self):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    model_graph.parse_gin(["dataset.gin", "st_moe_small.gin", "cpu.gin", "stability_small.gin"])
+    q = model_graph.query
+    self.assertEqual(q("st_moe.SparseFFN.router_precision"), "bfloat16")
+    self.assertEqual(q("utils.get_variable_dtype.activation_dtype"), "bfloat16")
+    from mesh_tensorflow.transformer import learning_rate_schedules  # pylint: disable=g-import-not-at-top
+    self.assertEqual(q("utils.run.learning_rate_schedule").configurable.name,
+                     "product_learning_rate")
+    gin.finalize()
+    # By hand: 0.02 x min(1, step / 100).
+    for step, want in ((1, 0.0002), (50, 0.01), (100, 0.02), (300, 0.02)):
+      got = float(learning_rate_schedules.product_learning_rate(tf.constant(step, tf.int64), 300))
+      self.assertAlmostEqual(got, want, places=7, msg=f"step {step}")
+
   def test_finetune_variable_filters_split_moe_from_the_rest(self):
     model_graph.parse_gin(["st_moe_tiny.gin", "cpu.gin", "finetune.gin"], FLOAT32)
     freeze_moe = re.compile(model_graph.query("FREEZE_MOE"))

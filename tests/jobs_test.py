@@ -246,6 +246,15 @@ class StabilityRowsTest(absltest.TestCase):
     self.assertEqual(row["router z-loss (last step)"], "3.000 +- 1.414")
     self.assertEqual(row["max router logit (last step)"], "4.000 +- 4.359")
 
+  def test_small_scale_trains_300_steps_with_its_own_run_file(self):
+    config = common.config_for("stability", "small", out="/o", variants=("baseline",))
+    self.assertEqual(config.steps, 300)
+    self.assertEqual(common.config_for("stability", "small", steps=50).steps, 50)
+    self.assertEqual(common.config_for("capacity", "small").steps, 1000)
+    run = stability.plan(config)[("baseline", 5)]  # 6 baseline seeds: twice the default 3
+    self.assertEqual(run.job.run_files(),
+                     ["dataset.gin", "st_moe_small.gin", "cpu.gin", "stability_small.gin"])
+
   def test_run_folders_and_bindings(self):
     config = common.Config(out="/o", seeds=1, variants=("router_z_loss",), gin_params=("a = 1",))
     run = stability.plan(config)[("router_z_loss", 0)]

@@ -80,12 +80,15 @@ SCALE_DEFAULTS = {
                 eval_steps=50, checkpoint_every=1000, jobs=1),
 }
 
+STABILITY_SMALL_STEPS = 300
+
 
 def config_for(table, scale="tiny", **settings) -> Config:
   """The Config of `table` at `scale`: the scale's defaults, then `settings` that are not None.
 
   Seeds default to 3 for stability and sparse_vs_dense and 1 otherwise; jobs to the scale's,
-  except 1 for capacity (its step-time column compares runs, so it trains one at a time).
+  except 1 for capacity (its step-time column compares runs, so it trains one at a time); steps
+  to the scale's, except STABILITY_SMALL_STEPS for stability at small.
   """
   if scale not in SCALES:
     raise ValueError(f"--scale={scale!r}: must be one of {', '.join(SCALES)}")
@@ -94,6 +97,9 @@ def config_for(table, scale="tiny", **settings) -> Config:
   values["seeds"] = 3 if table in ("stability", "sparse_vs_dense") else 1
   if table == "capacity":
     values["jobs"] = 1
+  if table == "stability" and scale == "small":
+    # 6 + 6 x 3 = 24 runs within 2 hours on 2 cores: 300 steps each (gin/runs/stability_small.gin)
+    values["steps"] = STABILITY_SMALL_STEPS
   values.update({k: v for k, v in settings.items() if v is not None})
   return Config(scale=scale, **values)
 
@@ -131,7 +137,8 @@ def model_gin_files(config: Config, table: str, dense=False):
   """A run's model, layout and run files (jobs.Job adds t5's dataset.gin in front)."""
   if config.scale in CPU_SCALES:
     model = f"dense_{config.scale}.gin" if dense else f"st_moe_{config.scale}.gin"
-    run_file = "stability_tiny.gin" if table == "stability" else "reproduce_tiny.gin"
+    run_file = (f"stability_{config.scale}.gin" if table == "stability"
+                else "reproduce_tiny.gin")
     return [model, "cpu.gin", run_file]
   if dense:
     model = {"l": "dense_l.gin", "32b": "dense_32b.gin"}[config.scale]
