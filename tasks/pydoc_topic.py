@@ -1,5 +1,8 @@
 """The embedded downstream task `st_moe_embedded_pydoc_topic`: which help() topic is this passage from?
 
+(`st_moe_embedded_docs_pydoc_topic` is the same task in the docs corpus's 8k vocabulary, for the
+models of `--scale=small` that pretrain on that corpus.)
+
 A four-way text classification over Python's own documentation (`pydoc_data.topics`, which ships
 with Python), so fine-tuning and evaluation by decoding run with nothing downloaded, with the
 embedded vocabulary (`vocab.embedded_vocabulary()`) of the pretraining task
@@ -38,6 +41,7 @@ import seqio
 import tensorflow as tf
 
 NAME = "embedded_pydoc_topic"
+DOCS_NAME = "embedded_docs_pydoc_topic"  # the same task in the docs corpus's vocabulary
 TOPICS = ("compound", "debugger", "formatstrings", "specialnames")
 PASSAGE_WORDS = 32
 PASSAGES_PER_TOPIC = 90

@@ -17,6 +17,7 @@ from st_moe.tasks import pydoc_topic
 
 TASK = "st_moe_embedded_pydoc_topic"
 LENGTHS = {"inputs": 128, "targets": 8}  # the lengths recommended for fine-tuning
+DOCS_LENGTHS = {"inputs": 192, "targets": 8}  # the same, in the docs vocabulary
 
 
 class _Predict(seqio.evaluation.PredictFnCallable):
@@ -122,6 +123,26 @@ class PydocTopicTaskTest(absltest.TestCase):
     constant = _validation_metrics(lambda targets: ["compound"] * len(targets))
     self.assertAlmostEqual(constant["accuracy"], 25.0, places=6)
     self.assertEqual(pydoc_topic.MAJORITY_ACCURACY, 25.0)
+
+  def test_docs_vocabulary_twin_has_the_same_examples_in_the_docs_vocabulary(self):
+    from st_moe.tasks import corpus  # pylint: disable=g-import-not-at-top
+    twin = seqio.get_mixture_or_task("st_moe_" + pydoc_topic.DOCS_NAME)
+    docs = corpus.docs_vocabulary()
+    for key in ("inputs", "targets"):
+      self.assertIs(twin.output_features[key].vocabulary, docs)
+    for split in ("train", "validation"):
+      ours = list(seqio.get_mixture_or_task(TASK).get_dataset(
+          None, split=split, shuffle=False).as_numpy_iterator())
+      theirs = list(twin.get_dataset(None, split=split, shuffle=False).as_numpy_iterator())
+      self.assertLen(theirs, len(ours))
+      for a, b in zip(ours, theirs):
+        self.assertEqual(a["inputs_pretokenized"], b["inputs_pretokenized"])
+        self.assertEqual(a["targets_pretokenized"], b["targets_pretokenized"])
+        # Tokenized by the docs vocabulary (decodes back), and within --scale=small's fine-tuning
+        # lengths (the docs vocabulary cuts pydoc's prose finer: up to 163 input tokens).
+        self.assertEqual(docs.decode(b["targets"].tolist()), b["targets_pretokenized"].decode())
+        self.assertLessEqual(len(b["inputs"]), DOCS_LENGTHS["inputs"])
+        self.assertLessEqual(len(b["targets"]), DOCS_LENGTHS["targets"])
 
   def test_too_short_topic_names_the_setting(self):
     with mock.patch.object(pydoc_topic, "PASSAGES_PER_TOPIC", 10_000):

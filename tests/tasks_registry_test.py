@@ -30,7 +30,8 @@ DOWNSTREAM = [
     "natural_questions_open", "trivia_qa"]
 PRETRAINING = ["c4_span_corruption", "embedded_span_corruption",
                "embedded_docs_span_corruption"]  # the last: tests/corpus_test.py
-EMBEDDED_DOWNSTREAM = ["embedded_pydoc_topic"]  # tests/downstream_task_test.py
+EMBEDDED_DOWNSTREAM = ["embedded_pydoc_topic",  # tests/downstream_task_test.py
+                       "embedded_docs_pydoc_topic"]
 
 
 class RegistryTest(absltest.TestCase):
