@@ -45,6 +45,7 @@ from st_moe import layers
 from st_moe import norms
 from st_moe import stacking
 from st_moe import summaries
+from st_moe.experiments import checkpoints  # @st_moe.not_optimizer_slot
 from st_moe.experiments import seeding
 from st_moe import tasks
 # pylint: enable=g-import-not-at-top,wrong-import-position,unused-import

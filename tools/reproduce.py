@@ -1,6 +1,7 @@
 """Reproduce the paper's tables (ST-MoE, arXiv 2202.08906): stability study, capacity, entropy
 (Tables 13 and 14), sparse against dense, top_k (Table 8), dense_ffn (Table 16), expert_bias
-(Table 17).
+(Table 17), and the fine-tuning studies finetune_protocol (Table 20, Figure 6), finetune_params
+(Figure 5), finetune_dropout (Figure 4) and finetune_aux (Table 5).
 
   python tools/reproduce.py stability --scale=tiny --seeds=3 --out=reproduction_out
   python tools/reproduce.py capacity  --scale=tiny --out=reproduction_out
@@ -8,6 +9,7 @@
   python tools/reproduce.py sparse_vs_dense --scale=small --out=reproduction_out
   python tools/reproduce.py expert_bias --scale=small --seeds=3 --out=reproduction_out
   python tools/reproduce.py top_k --scale=small --out=reproduction_out
+  python tools/reproduce.py finetune_protocol --scale=small --out=reproduction_out
   python tools/reproduce.py stability --scale=l --tpu=NAME --gcp_project=P --tpu_zone=Z \
       --out=gs://bucket/repro --steps=... (TPU pod; --tpu* flags go to t5_mesh_transformer)
 
@@ -54,6 +56,12 @@ flags.DEFINE_list("capacity_factors_train", ["1.0", "1.25", "2.0"],
                   "Capacity table: the train capacity factors (capacity_factor_train).")
 flags.DEFINE_list("capacity_factors_eval", ["1.0", "1.25", "2.0"],
                   "Capacity table: the eval capacity factors (capacity_factor_eval).")
+flags.DEFINE_integer("finetune_steps", None, "Fine-tuning tables: steps per fine-tuning run "
+                     "(default: 100 at tiny scale, 300 at small).")
+flags.DEFINE_integer("finetune_checkpoints", None, "Fine-tuning tables: checkpoints per run, each "
+                     "decoded (the table reports the peak; default 3).")
+flags.DEFINE_multi_string("rows", [], "Fine-tuning tables: only this row (repeatable), labelled "
+                          "as in the table's .md, e.g. --rows='sparse / 0.001 / 262k / 8 x 200 / kept'.")
 if "gin_param" not in FLAGS:
   flags.DEFINE_multi_string("gin_param", [], "A gin binding for every run (repeatable), e.g. "
                             "--gin_param='num_experts = 8'.")
@@ -81,7 +89,9 @@ def config_from_flags(table):
       trace_tokens=FLAGS.trace_tokens, variants=tuple(FLAGS.variants),
       capacity_factors_train=_floats("capacity_factors_train", FLAGS.capacity_factors_train),
       capacity_factors_eval=_floats("capacity_factors_eval", FLAGS.capacity_factors_eval),
-      gin_params=tuple(FLAGS.gin_param or ()), tpu_flags=tpu_flags)
+      gin_params=tuple(FLAGS.gin_param or ()), tpu_flags=tpu_flags,
+      finetune_steps=FLAGS.finetune_steps, finetune_checkpoints=FLAGS.finetune_checkpoints,
+      rows=tuple(FLAGS.rows or ()))
 
 
 def main(argv):

@@ -18,6 +18,10 @@ previous checkpoint is intact. Here:
     one aside (`<file>.unreadable`) and points the `checkpoint` state at the readable one, so a
     rerun resumes from it; returns what it did, for the caller's warning.
 
+Starting from another run's checkpoint (utils.run.init_checkpoint) restores its optimizer slots
+too; `st_moe.not_optimizer_slot` leaves them out (fine-tuning with the slots reset, Table 20):
+  utils.should_load_variable.filter_fn = @st_moe.not_optimizer_slot
+
 All file access is tf.io.gfile / tf.train (gs:// works). Run as a module, the fall-back is:
 
   python -m st_moe.experiments.checkpoints --fall_back MODEL_DIR
@@ -27,11 +31,24 @@ import re
 import sys
 from typing import List, Optional, Tuple
 
+import gin
 import tensorflow.compat.v1 as tf
 
 _CKPT_RE = re.compile(r"^model\.ckpt-(\d+)\.index$")
 _SHARD_RE = re.compile(r"\.data-(\d+)-of-(\d+)$")
 UNREADABLE_SUFFIX = ".unreadable"
+
+
+# mesh_tensorflow's optimizers name a variable's slots <variable>_slot_<vr|vc|v|m> (optimize.py).
+OPTIMIZER_SLOT = "_slot_"
+
+
+@gin.register(module="st_moe")
+def not_optimizer_slot(name: str) -> bool:
+  """False for an optimizer slot variable (Adafactor's vr, vc, v; momentum's m), else True: as
+  `utils.should_load_variable.filter_fn`, a run restores weights and global step from its
+  init_checkpoint and starts its optimizer statistics from zero."""
+  return OPTIMIZER_SLOT not in name
 
 
 class UnreadableCheckpointError(RuntimeError):

@@ -19,10 +19,10 @@ Rerunning resumes: finished stages are skipped, interrupted training continues f
 """
 import dataclasses
 import os
-import time
 from typing import Dict, List, Sequence, Tuple
 
 from st_moe.analysis import reporting
+from st_moe.experiments import finetuning
 from st_moe.experiments import jobs
 from st_moe.experiments import runner
 
@@ -99,46 +99,21 @@ def finetune_job_for(config: DemoConfig, model: str) -> jobs.Job:
       task=config.finetune_task, shape=config.finetune_shape)
 
 
-def decode_metrics(model_dir, task, step):
-  """{metric: value} that eval.gin's decoding wrote for `task` at `step` (its event files)."""
-  from st_moe.experiments import events  # pylint: disable=g-import-not-at-top
-  prefix = f"eval/{task}/"
-  found = {}
-  for tag, (steps, values) in events.read_scalars(jobs.join(model_dir, "validation_eval")).items():
-    if tag.startswith(prefix) and step in list(steps):
-      found[tag[len(prefix):]] = float(values[list(steps).index(step)])
-  return found
-
-
 def finetune(config: DemoConfig, model: str, pretrained_dir: str, show=print) -> Dict:
   """Fine-tunes one pretrained model on config.finetune_task and evaluates it by decoding.
 
   Returns the training summary with "decode" ({metric: value, "step", "command"}) when it worked.
   """
   job = finetune_job_for(config, model)
-  start = runner.latest_checkpoint_step(pretrained_dir)
-  steps = start + config.finetune_steps  # finetune.gin: train_steps counts on from the checkpoint
-  clock = time.monotonic()
-  summary = jobs.train(job, steps, config.finetune_steps, show=show,
-                       every=max(1, config.finetune_steps // 5),
-                       init_checkpoint=jobs.join(pretrained_dir, f"model.ckpt-{start}"))
-  if jobs.failed(summary):
-    return summary
-  step = runner.latest_checkpoint_step(job.model_dir)
   # Decoding reads the fine-tuned folder with the model's files alone (finetune.gin would require
   # an init_checkpoint and set training-only bindings).
-  decode_job = dataclasses.replace(job, gin_files=[f"{model}.gin", "cpu.gin"],
-                                   gin_params=list(config.gin_params))
-  summary["decode"] = jobs.evaluate(
-      decode_job, "decode", eval_steps=1, eval_gin_files=("eval.gin",), show=show,
-      gin_params=[f"Bitransformer.decode.max_decode_length = {config.finetune_shape.targets_length}",
-                  # the whole validation split (72 examples) in one decoding batch
-                  "utils.run.batch_size = ('sequences_per_batch', 72)"],
-      parse=lambda log_path: dict(decode_metrics(job.model_dir, config.finetune_task, step),
-                                  step=step) if decode_metrics(job.model_dir, config.finetune_task,
-                                                               step) else None)
-  summary["finetune_wall_seconds"] = time.monotonic() - clock
-  return summary
+  decode_job = finetuning.decode_job_for(job, [f"{model}.gin", "cpu.gin"], config.gin_params)
+  return finetuning.finetune(
+      job, decode_job, pretrained_dir, config.finetune_steps,
+      checkpoint_every=config.finetune_steps,
+      max_decode_length=config.finetune_shape.targets_length,
+      # the whole validation split (72 examples) in one decoding batch
+      decode_params=["utils.run.batch_size = ('sequences_per_batch', 72)"], show=show)
 
 
 def _failure(model, summary):

@@ -56,6 +56,10 @@ class Config:
   gin_params: Tuple[str, ...] = ()  # the user's --gin_param, after every run's own bindings
   tpu_flags: Tuple[str, ...] = ()  # passed to t5_mesh_transformer at scales l and 32b
   jobs: int = 1  # runs trained at once (each is its own t5_mesh_transformer process)
+  # the fine-tuning tables (st_moe.experiments.tables.finetune)
+  finetune_steps: int = 100  # fine-tuning steps of every cell
+  finetune_checkpoints: int = 3  # checkpoints decoded per fine-tuning run (the peak is reported)
+  rows: Tuple[str, ...] = ()  # only these rows of a fine-tuning table (labels as in its .md)
 
   def shape(self) -> "jobs.Shape":
     return jobs.Shape(self.batch_size, self.inputs_length, self.targets_length)
@@ -69,15 +73,15 @@ class Config:
 # takes one. capacity (and entropy, which reuses its run) times steps: one run at a time.
 SCALE_DEFAULTS = {
     "tiny": dict(steps=200, batch_size=16, inputs_length=64, targets_length=16, eval_steps=5,
-                 checkpoint_every=100, jobs=min(2, os.cpu_count() or 1)),
+                 checkpoint_every=100, finetune_steps=100, jobs=min(2, os.cpu_count() or 1)),
     # small: st_moe_small / dense_small (d_model 128, 8 experts) on the docs corpus; sized so that a
     # table of 3 seeds x 2 models trains within 2 hours on 2 cores (docs/reproduction/).
     "small": dict(steps=1000, batch_size=32, inputs_length=128, targets_length=32, eval_steps=20,
-                  checkpoint_every=500, jobs=min(2, os.cpu_count() or 1)),
+                  checkpoint_every=500, finetune_steps=300, jobs=min(2, os.cpu_count() or 1)),
     "l": dict(steps=10000, batch_size=2048, inputs_length=512, targets_length=114, eval_steps=50,
-              checkpoint_every=1000, jobs=1),
+              checkpoint_every=1000, finetune_steps=10000, jobs=1),
     "32b": dict(steps=10000, batch_size=2048, inputs_length=512, targets_length=114,
-                eval_steps=50, checkpoint_every=1000, jobs=1),
+                eval_steps=50, checkpoint_every=1000, finetune_steps=10000, jobs=1),
 }
 
 STABILITY_SMALL_STEPS = 300
@@ -86,7 +90,7 @@ STABILITY_SMALL_STEPS = 300
 def config_for(table, scale="tiny", **settings) -> Config:
   """The Config of `table` at `scale`: the scale's defaults, then `settings` that are not None.
 
-  Seeds default to 3 for stability and sparse_vs_dense and 1 otherwise; jobs to the scale's,
+  Seeds default to 3 for stability, sparse_vs_dense and the fine-tuning tables and 1 otherwise; jobs to the scale's,
   except 1 for capacity (its step-time column compares runs, so it trains one at a time); steps
   to the scale's, except STABILITY_SMALL_STEPS for stability at small.
   """
@@ -94,7 +98,8 @@ def config_for(table, scale="tiny", **settings) -> Config:
     raise ValueError(f"--scale={scale!r}: must be one of {', '.join(SCALES)}")
   values = dict(SCALE_DEFAULTS[scale])
   values["task"] = SCALE_TASKS[scale]
-  values["seeds"] = 3 if table in ("stability", "sparse_vs_dense") else 1
+  values["seeds"] = 3 if (table in ("stability", "sparse_vs_dense")
+                          or table.startswith("finetune_")) else 1
   if table == "capacity":
     values["jobs"] = 1
   if table == "stability" and scale == "small":
