@@ -209,6 +209,8 @@ class TablesTest(absltest.TestCase):
     self._ok(self.protocol)
     run = os.path.join(self.out, "runs", "ft_sparse_seed0")
     # Pretrained to step 2; fine-tuned 2 steps with a checkpoint every step: steps 3 and 4.
+    self.assertRegex(self.protocol.stdout, r"\[ft_sparse_seed0\] training steps 3\.\.4 from "
+                     r"\S+/runs/default_cf1\.25_seed0/model\.ckpt-2")
     decoded = finetuning.decode_metrics_by_step(run, finetune.FINETUNE_TASKS["tiny"])
     self.assertContainsSubset({3, 4}, set(decoded))
     self.assertEqual(sorted(jobs.read_json(os.path.join(run, "decode_all.json"))["by_step"]),

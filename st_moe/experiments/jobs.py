@@ -282,8 +282,13 @@ def train(job: Job, steps: int, checkpoint_every: int, *, show=print, every=None
   elif start >= steps:  # trained to the end, bookkeeping lost (e.g. killed right after)
     show(f"[{job.name}] its checkpoint is at step {start} >= {steps}: nothing left to train")
   else:
-    show(f"[{job.name}] training steps {start + 1}..{steps}"
-         + (" (resuming from its checkpoint)" if start else ""))
+    first = start + 1
+    suffix = (init_checkpoint or "").rsplit("-", 1)[-1]
+    if init_checkpoint and not start and suffix.isdigit():
+      first = int(suffix) + 1  # fine-tuning: the global step counts on from the checkpoint's
+    show(f"[{job.name}] training steps {first}..{steps}"
+         + (" (resuming from its checkpoint)" if start else "")
+         + (f" from {init_checkpoint}" if init_checkpoint and not start else ""))
     result = runner.run(job.model_dir, job.run_files(), params,
                         tokens_per_step=job.shape.tokens_per_step(), label=label or job.name,
                         every=every or max(1, steps // 10), monitor=monitor, show=show,
