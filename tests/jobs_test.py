@@ -122,8 +122,9 @@ class BookkeepingTest(absltest.TestCase):
     os.makedirs(job.model_dir)
     with open(job.path("checkpoint"), "w") as f:
       f.write('model_checkpoint_path: "model.ckpt-4"\n')
+    # Every evaluation fixes its data's seed first (span corruption's masks are random otherwise).
     jobs.write_json(job.path("eval_cf2.json"), {
-        "step": 4, "eval_steps": 1, "gin_params": ["x = 1"],
+        "step": 4, "eval_steps": 1, "gin_params": ["mesh_eval_dataset_fn.seed = 0", "x = 1"],
         "eval_gin_files": ["perplexity_eval.gin"], "neg_log_perplexity": -3.5})
     with mock.patch.object(runner, "run", _no_run):
       found = jobs.evaluate(job, "eval_cf2", eval_steps=1, gin_params=["x = 1"])
@@ -131,6 +132,25 @@ class BookkeepingTest(absltest.TestCase):
     with mock.patch.object(runner, "run", _no_run):  # another eval_steps: evaluated again
       with self.assertRaisesRegex(AssertionError, "runner.run called"):
         jobs.evaluate(job, "eval_cf2", eval_steps=2, gin_params=["x = 1"])
+
+  def test_evaluation_fixes_the_seed_of_its_data(self):
+    job = _job(os.path.join(self.dir, "eval_seed"))
+    os.makedirs(job.model_dir)
+    with open(job.path("checkpoint"), "w") as f:
+      f.write('model_checkpoint_path: "model.ckpt-4"\n')
+    seen = []
+
+    def fake_run(model_dir, gin_files, params, **kwargs):
+      seen.append(params)
+      return runner.RunResult(model_dir=model_dir, command=["t5_mesh_transformer"], returncode=1,
+                              log_path=os.path.join(self.dir, "none.log"))
+
+    with mock.patch.object(runner, "run", fake_run):
+      with self.assertRaisesRegex(RuntimeError, "evaluation eval_cf2 failed"):
+        jobs.evaluate(job, "eval_cf2", eval_steps=1, gin_params=["x = 1"])
+    (params,) = seen
+    # t5's mesh_eval_dataset_fn passes it to seqio's get_dataset; the caller's bindings come after.
+    self.assertLess(params.index("mesh_eval_dataset_fn.seed = 0"), params.index("x = 1"))
 
   def test_a_trace_is_cached_for_its_step_and_settings(self):
     job = _job(os.path.join(self.dir, "trace"))
