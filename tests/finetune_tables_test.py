@@ -125,6 +125,12 @@ class BookkeepingTest(absltest.TestCase):
                      "sparse's is smaller.")
     self.assertEqual(lines[2], "- sparse: optimizer slots reset: ours reset - kept = -1.00; "
                      "paper reset - kept = -0.86.")
+    # With one learning rate measured there is no best one.
+    one = [r for r in rows if r[1].learning_rate == 1e-3]
+    _, _, averages = finetune.figure_6(one, {cell: results[cell] for _, cell, _ in one})
+    self.assertEqual(finetune.directions(averages)[0], "- Best learning rate (Figure 6 "
+                     "averages): ours not measured (not every learning rate of both models); "
+                     "paper not measured (not every learning rate of both models).")
 
   def test_score_is_the_accuracy_or_a_mixtures_mean_accuracy(self):
     embedded = finetuning.metrics_by_step(

@@ -330,13 +330,14 @@ def directions(averages) -> List[str]:
       best[key] = {}
       for model in sparse_vs_dense.MODELS:
         found = {k: averages[(model, key)].get(k) for k in keys}
-        found = {k: v for k, v in found.items() if v is not None}
-        best[key][model] = max(found, key=found.get) if found else None
+        # A best setting needs all of them measured (--rows may run a few).
+        best[key][model] = (max(found, key=found.get)
+                            if all(v is not None for v in found.values()) else None)
     verdict = {}
     for key in best:
       s, d = best[key]["sparse"], best[key]["dense"]
       if s is None or d is None:
-        verdict[key] = "not measured"
+        verdict[key] = f"not measured (not every {what} of both models)"
         continue
       # LRs are listed low to high; batches small to large (BATCHES: 65k, 262k, 1M).
       rank = keys.index
