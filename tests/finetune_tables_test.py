@@ -4,10 +4,11 @@ BookkeepingTest needs no training: run names, batch sizes, which variables each 
 updated" row trains (checked against names spelled out here), the paper's Figure 6 averages
 (recomputed from Table 20 against the bars in ST_MOE_TABLES.md) and the direction verdicts.
 
-TablesTest runs through the real tool: it pretrains st_moe_tiny for 2 steps, fine-tunes it for 2
-steps in two rows of finetune_protocol (slots kept and reset, side by side) and one row of
-finetune_aux (train CF 0.75, no balance loss), decodes each checkpoint, then reruns
-finetune_protocol to check that nothing is trained or decoded twice.
+TablesTest runs each table through the real tool: it pretrains st_moe_tiny for 2 steps, fine-tunes
+it for 2 steps in two rows of finetune_protocol (slots kept and reset, side by side) and one row
+of each other table (finetune_aux: train CF 0.75, no balance loss; finetune_params: MoE only;
+finetune_dropout: no dropout), decodes each checkpoint, then reruns finetune_protocol to check
+that nothing is trained or decoded twice.
 """
 import csv
 import os
@@ -32,6 +33,8 @@ FINETUNE_STEPS = 2
 KEPT = "sparse / 0.001 / 262k / 1 x 136 / kept"
 RESET = "sparse / 0.001 / 262k / 1 x 136 / reset"
 AUX_ROW = "0.75 / 2 / no"
+PARAMS_ROW = "MoE only / /sparse_ffn/"
+DROPOUT_ROW = "sparse / 0 / 0"
 
 
 class BookkeepingTest(absltest.TestCase):
@@ -173,6 +176,8 @@ class TablesTest(absltest.TestCase):
     cls.out = tempfile.mkdtemp(prefix="finetune_tables_test_")
     cls.protocol = _tool(cls.out, "finetune_protocol", [KEPT, RESET])
     cls.aux = _tool(cls.out, "finetune_aux", [AUX_ROW])
+    cls.params = _tool(cls.out, "finetune_params", [PARAMS_ROW])
+    cls.dropout = _tool(cls.out, "finetune_dropout", [DROPOUT_ROW])
     cls.again = _tool(cls.out, "finetune_protocol", [KEPT, RESET])
 
   def _ok(self, proc):
@@ -251,6 +256,33 @@ class TablesTest(absltest.TestCase):
       commands = f.read()
     self.assertIn("balance_loss_coef = 0.0", commands)
     self.assertIn("capacity_factor_train = 0.75", commands)
+
+  def test_params_row_trains_only_the_sparse_layers(self):
+    self._ok(self.params)
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    header, row = self._csv("finetune_params")
+    self.assertEqual(row[:2], ["MoE only", "/sparse_ffn/"])
+    self.assertEqual(dict(zip(header, row))["paper (in words)"], "a drastic drop")
+    before = tf.train.load_checkpoint(
+        os.path.join(self.out, "runs", "default_cf1.25_seed0", "model.ckpt-2"))
+    after = tf.train.load_checkpoint(os.path.join(self.out, "runs", "ft_sparse_update-moe_seed0"))
+    changed = {n for n in before.get_variable_to_shape_map()
+               if "_slot_" not in n and n != "global_step"
+               and not np.array_equal(before.get_tensor(n), after.get_tensor(n))}
+    self.assertIn("encoder/block_001/sparse_ffn/SparseFFN/router/kernel", changed)
+    self.assertIn("decoder/block_003/sparse_ffn/SparseFFN/wo/kernel", changed)
+    self.assertEqual({n for n in changed if "/sparse_ffn/" not in n}, set())
+
+  def test_dropout_row(self):
+    self._ok(self.dropout)
+    header, row = self._csv("finetune_dropout")
+    self.assertEqual(row[:3], ["sparse", "0", "0"])
+    self.assertBetween(float(dict(zip(header, row))["peak score (ours)"]), 0.0, 100.0)
+    with open(os.path.join(self.out, "finetune_dropout", "finetune_dropout_commands.md")) as f:
+      commands = f.read()
+    self.assertIn("dropout_rate = 0'", commands.replace('"', "'"))
+    self.assertIn("expert_dropout_rate = 0'", commands.replace('"', "'"))
 
   def test_rerun_trains_and_decodes_nothing_again(self):
     self._ok(self.again)
