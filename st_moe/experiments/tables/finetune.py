@@ -373,7 +373,8 @@ def table(name: str, config: common.Config, show=print):
   rows = selected(config, name)
   out = jobs.join(config.out, name)
   models = sorted({cell.model for _, cell, _ in rows})
-  pretrained_dirs = {m: pretrained(config, m, show).model_dir for m in models}
+  pretrained_runs = {m: pretrained(config, m, show) for m in models}
+  pretrained_dirs = {m: run.model_dir for m, run in pretrained_runs.items()}
   items = [(cell, seed) for _, cell, _ in rows for seed in range(config.seeds)]
   items = list(dict.fromkeys(items))  # cells shared by two rows run once
 
@@ -389,7 +390,8 @@ def table(name: str, config: common.Config, show=print):
   paper_header = ("paper (SuperGLUE)" if name in ("finetune_protocol", "finetune_aux")
                   else "paper (in words)")
   headers = label_headers + (["% tokens dropped (train)"] if name == "finetune_aux" else []) + [
-      "peak score (ours)", "last score (ours)", "stopped runs", paper_header] + (
+      "peak score (ours)", "last score (ours)", "stopped runs", "fine-tuning min / run",
+      paper_header] + (
           ["% tokens dropped (paper)"] if name == "finetune_aux" else [])
   table_rows, labels, peaks, errs = [], [], [], []
   for cells, cell, paper in rows:
@@ -400,8 +402,9 @@ def table(name: str, config: common.Config, show=print):
     if name == "finetune_aux":
       row.append(_pm([None if r.summary.get("train_fraction_dropped") is None
                       else 100.0 * r.summary["train_fraction_dropped"] for r in found]))
+    minutes = [r.summary["seconds"] / 60.0 for r in found if r.summary.get("seconds")]
     row += [_pm([r.peak for r in found]), _pm([r.last for r in found]),
-            "; ".join(stopped) or "none"]
+            "; ".join(stopped) or "none", _pm(minutes)]
     if name == "finetune_aux":
       row += [paper[1], paper[0]]
     else:
@@ -434,7 +437,7 @@ def table(name: str, config: common.Config, show=print):
   tokens = sum(FINETUNE_LENGTHS[config.scale])
   intro = (
       f"Scale `{config.scale}`: the pretrained sparse model and its dense twin (sparse_vs_dense's "
-      f"seed-0 runs: {', '.join(f'`{m}` in `{d}`' for m, d in sorted(pretrained_dirs.items()))}) "
+      f"seed-0 runs: {', '.join(f'{m} `{r.name}`' for m, r in sorted(pretrained_runs.items()))}) "
       f"fine-tuned on `{FINETUNE_TASKS[config.scale]}` for {config.finetune_steps} steps "
       f"(sequences of {tokens} tokens) with finetune.gin, {config.seeds} seed(s) per row; "
       f"decoded (greedy) on the validation split at every {config.finetune_steps // config.finetune_checkpoints or 1}"
@@ -446,6 +449,7 @@ def table(name: str, config: common.Config, show=print):
       f"{config.batch_size} sequences), optimizer slots kept, all parameters updated, dropout "
       "0.1 and expert dropout 0.1, train CF 1.25 and eval CF 2.0, balance loss on. The paper's "
       "column: ST-MoE-L / Dense-L on SuperGLUE (Tables 20 and 5), or its finding in words "
-      "(Figures 4 and 5 give no numbers). A diverged run is stopped and listed, not scored.")
+      "(Figures 4 and 5 give no numbers). A diverged run is stopped and listed, not scored. "
+      "Fine-tuning minutes: the training process of a run (its decoding not counted).")
   return common.write_table(out, name, headers, table_rows, intro, runs, "\n".join(extra))
 
