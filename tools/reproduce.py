@@ -61,7 +61,8 @@ flags.DEFINE_integer("finetune_steps", None, "Fine-tuning tables: steps per fine
 flags.DEFINE_integer("finetune_checkpoints", None, "Fine-tuning tables: checkpoints per run, each "
                      "decoded (the table reports the peak; default 3).")
 flags.DEFINE_multi_string("rows", [], "Fine-tuning tables: only this row (repeatable), labelled "
-                          "as in the table's .md, e.g. --rows='sparse / 0.001 / 262k / 8 x 200 / kept'.")
+                          "as in the table's .md, e.g. "
+                          "--rows='sparse / 0.001 / 262k / 8 x 200 / kept'.")
 if "gin_param" not in FLAGS:
   flags.DEFINE_multi_string("gin_param", [], "A gin binding for every run (repeatable), e.g. "
                             "--gin_param='num_experts = 8'.")

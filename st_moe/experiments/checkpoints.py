@@ -70,13 +70,14 @@ def checkpoints(model_dir: str) -> List[Tuple[int, str]]:
       found[int(match.group(1))] = os.path.join(model_dir, f"model.ckpt-{match.group(1)}")
   state_path = _state_path(model_dir)
   if state_path:
-    step = _step(state_path)
+    step = step_of(state_path)
     if step is not None:
       found.setdefault(step, state_path)
   return sorted(found.items())
 
 
-def _step(prefix: str) -> Optional[int]:
+def step_of(prefix: str) -> Optional[int]:
+  """N of a checkpoint prefix ".../model.ckpt-N"; None for any other path."""
   match = re.search(r"model\.ckpt-(\d+)$", prefix)
   return int(match.group(1)) if match else None
 

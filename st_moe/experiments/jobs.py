@@ -283,9 +283,9 @@ def train(job: Job, steps: int, checkpoint_every: int, *, show=print, every=None
     show(f"[{job.name}] its checkpoint is at step {start} >= {steps}: nothing left to train")
   else:
     first = start + 1
-    suffix = (init_checkpoint or "").rsplit("-", 1)[-1]
-    if init_checkpoint and not start and suffix.isdigit():
-      first = int(suffix) + 1  # fine-tuning: the global step counts on from the checkpoint's
+    if init_checkpoint and not start:  # fine-tuning: the global step counts on from the checkpoint
+      from st_moe.experiments import checkpoints  # pylint: disable=g-import-not-at-top
+      first = (checkpoints.step_of(init_checkpoint) or 0) + 1
     show(f"[{job.name}] training steps {first}..{steps}"
          + (" (resuming from its checkpoint)" if start else "")
          + (f" from {init_checkpoint}" if init_checkpoint and not start else ""))

@@ -90,9 +90,9 @@ STABILITY_SMALL_STEPS = 300
 def config_for(table, scale="tiny", **settings) -> Config:
   """The Config of `table` at `scale`: the scale's defaults, then `settings` that are not None.
 
-  Seeds default to 3 for stability, sparse_vs_dense and the fine-tuning tables and 1 otherwise; jobs to the scale's,
-  except 1 for capacity (its step-time column compares runs, so it trains one at a time); steps
-  to the scale's, except STABILITY_SMALL_STEPS for stability at small.
+  Seeds default to 3 for stability, sparse_vs_dense and the fine-tuning tables and 1 otherwise;
+  jobs to the scale's, except 1 for capacity (its step-time column compares runs, so it trains one
+  at a time); steps to the scale's, except STABILITY_SMALL_STEPS for stability at small.
   """
   if scale not in SCALES:
     raise ValueError(f"--scale={scale!r}: must be one of {', '.join(SCALES)}")

@@ -18,7 +18,6 @@ train capacity factor 1.25 and eval 2.0, balance loss on: finetune.gin's setting
 (65k tokens there; 262k here, the middle of Table 20's three).
 """
 import dataclasses
-import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from st_moe.analysis import reporting
@@ -29,14 +28,15 @@ from st_moe.experiments.tables import sparse_vs_dense
 
 TABLES = ("finetune_protocol", "finetune_params", "finetune_dropout", "finetune_aux")
 # The downstream task of each scale (in the vocabulary its models pretrain with).
-FINETUNE_TASKS = {"tiny": "st_moe_embedded_pydoc_topic", "small": "st_moe_embedded_docs_pydoc_topic",
+FINETUNE_TASKS = {"tiny": "st_moe_embedded_pydoc_topic",
+                  "small": "st_moe_embedded_docs_pydoc_topic",
                   "l": "st_moe_super_glue", "32b": "st_moe_super_glue"}
 # Fine-tuning sequence lengths (inputs, targets): every example of the embedded task fits
 # (tests/downstream_task_test.py); SuperGLUE as finetune.gin.
 FINETUNE_LENGTHS = {"tiny": (128, 8), "small": (192, 8), "l": (512, 128), "32b": (512, 128)}
 # The embedded task's validation split (72 examples) decodes in one batch; a TPU keeps eval.gin's.
-DECODE_PARAMS = {"tiny": ["utils.run.batch_size = ('sequences_per_batch', 72)"],
-                 "small": ["utils.run.batch_size = ('sequences_per_batch', 72)"], "l": [], "32b": []}
+_ONE_BATCH = ["utils.run.batch_size = ('sequences_per_batch', 72)"]
+DECODE_PARAMS = {"tiny": _ONE_BATCH, "small": _ONE_BATCH, "l": [], "32b": []}
 # Table 20's batch sizes, named as in the paper, as fractions of its pretraining batch (1M tokens):
 # at a scale whose pretraining batch is B sequences they are B / 16, B / 4 and B sequences.
 BATCHES = (("65k", 16), ("262k", 4), ("1M", 1))
@@ -46,8 +46,8 @@ LEARNING_RATES = (1e-4, 5e-4, 1e-3)
 # /extra_dense_ffn_<where>/, attention under /self_attention/ and /enc_dec_attention/).
 UPDATES = {"all": None, "non_moe": "^(?!.*/sparse_ffn/)", "moe": "/sparse_ffn/",
            "attention": "_attention/", "ffn": "/(extra_)?dense_ffn"}
-UPDATE_NAMES = {"all": "All", "non_moe": "Non-MoE", "moe": "MoE only", "attention": "Attention only",
-                "ffn": "FFN only (non-MoE)"}
+UPDATE_NAMES = {"all": "All", "non_moe": "Non-MoE", "moe": "MoE only",
+                "attention": "Attention only", "ffn": "FFN only (non-MoE)"}
 SCORE = "accuracy"  # the decoded metric the score averages (SuperGLUE: over its tasks)
 
 
@@ -81,9 +81,14 @@ class Cell:
 
 
 def batch_sequences(config: common.Config, batch: str) -> int:
-  """Sequences per fine-tuning batch: the pretraining batch over the paper's divisor (at least 1)."""
+  """Sequences per fine-tuning batch: the pretraining batch over the paper's divisor (>= 1)."""
   divisor = dict(BATCHES)[batch]
   return max(1, config.batch_size // divisor)
+
+
+def checkpoint_every(config: common.Config) -> int:
+  """Fine-tuning steps between checkpoints: --finetune_checkpoints of them per run."""
+  return max(1, config.finetune_steps // config.finetune_checkpoints)
 
 
 def _model_files(config: common.Config, dense: bool) -> List[str]:
@@ -158,7 +163,7 @@ def finetune_cell(config: common.Config, cell: Cell, seed: int, pretrained_dir: 
   job, decode = make_job(config, cell, seed)
   summary = finetuning.finetune(
       job, decode, pretrained_dir, config.finetune_steps,
-      checkpoint_every=max(1, config.finetune_steps // config.finetune_checkpoints),
+      checkpoint_every=checkpoint_every(config),
       max_decode_length=FINETUNE_LENGTHS[config.scale][1],
       decode_params=DECODE_PARAMS[config.scale], every_checkpoint=True, show=show)
   if jobs.failed(summary):
@@ -286,15 +291,6 @@ def validate(table: str, config: common.Config):
   selected(config, table)
 
 
-def _pm(values, digits=1):
-  return common.pm([v for v in values if v is not None], digits)
-
-
-def _mean(values):
-  values = [v for v in values if v is not None and math.isfinite(v)]
-  return sum(values) / len(values) if values else None
-
-
 def figure_6(rows, results) -> Tuple[List[str], List[list], Dict]:
   """Figure 6's averages (per learning rate, per batch, per slot handling) of ours and the paper's:
   each the mean over the table's cells with that setting (ours: of the seeds' mean peaks)."""
@@ -307,11 +303,11 @@ def figure_6(rows, results) -> Tuple[List[str], List[list], Dict]:
       for labels, cell, paper in rows:
         if cell.model != model:
           continue
-        value = _mean(r.peak for r in results[cell]) if who == "ours" else paper
+        value = jobs.mean_std([r.peak for r in results[cell]])[0] if who == "ours" else paper
         for key in (f"LR {cell.learning_rate:g}", f"batch {cell.batch}",
                     "slots reset" if cell.reset_slots else "slots kept"):
           groups.setdefault(key, []).append(value)
-      means = {k: _mean(v) for k, v in groups.items()}
+      means = {k: jobs.mean_std(v)[0] for k, v in groups.items()}
       averages[(model, who)] = means
       out.append([model, who] + [None if means.get(h) is None else round(means[h], 2)
                                  for h in headers[2:]])
@@ -400,11 +396,11 @@ def table(name: str, config: common.Config, show=print):
                if r.peak is None]
     row = list(cells)
     if name == "finetune_aux":
-      row.append(_pm([None if r.summary.get("train_fraction_dropped") is None
-                      else 100.0 * r.summary["train_fraction_dropped"] for r in found]))
+      row.append(common.pm([None if r.summary.get("train_fraction_dropped") is None
+                            else 100.0 * r.summary["train_fraction_dropped"] for r in found], 1))
     minutes = [r.summary["seconds"] / 60.0 for r in found if r.summary.get("seconds")]
-    row += [_pm([r.peak for r in found]), _pm([r.last for r in found]),
-            "; ".join(stopped) or "none", _pm(minutes)]
+    row += [common.pm([r.peak for r in found], 1), common.pm([r.last for r in found], 1),
+            "; ".join(stopped) or "none", common.pm(minutes, 1)]
     if name == "finetune_aux":
       row += [paper[1], paper[0]]
     else:
@@ -440,8 +436,8 @@ def table(name: str, config: common.Config, show=print):
       f"seed-0 runs: {', '.join(f'{m} `{r.name}`' for m, r in sorted(pretrained_runs.items()))}) "
       f"fine-tuned on `{FINETUNE_TASKS[config.scale]}` for {config.finetune_steps} steps "
       f"(sequences of {tokens} tokens) with finetune.gin, {config.seeds} seed(s) per row; "
-      f"decoded (greedy) on the validation split at every {config.finetune_steps // config.finetune_checkpoints or 1}"
-      f" steps; score = {SCORE} (a constant answer scores 25.0 on the embedded task), "
+      f"decoded (greedy) on the validation split every {checkpoint_every(config)} steps; "
+      f"score = {SCORE} (a constant answer scores 25.0 on the embedded task), "
       "mean +- std over the seeds of each run's peak over its checkpoints (the paper's 'peak "
       "validation'), and of its last checkpoint. Unless the row says otherwise: learning rate "
       f"1e-3, batch 262k (= {batch_sequences(config, '262k')} sequences here: the paper's "
