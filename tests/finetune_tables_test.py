@@ -62,6 +62,12 @@ class BookkeepingTest(absltest.TestCase):
     self.assertEqual([finetune.batch_sequences(l, b) for b, _ in finetune.BATCHES],
                      [128, 512, 2048])
 
+  def test_divergence_rule_averages_over_256_sequences(self):
+    # The rule judges the mean loss of the steps that see 256 sequences: 128 steps at small's
+    # 65k batch (2 sequences), 32 at 262k (8), 8 at 1M (32); one step on a TPU's 2048.
+    self.assertEqual([finetuning.loss_smoothing(n) for n in (2, 8, 32, 2048, 3)],
+                     [128, 32, 8, 1, 86])
+
   def test_update_filters_select_the_papers_parameter_groups(self):
     names = {
         "encoder/block_001/sparse_ffn/SparseFFN/router/kernel": {"moe"},

@@ -5,9 +5,10 @@ step, so that a broken run is stopped and reported, never silently continued. Th
 once; the first that fires names the run:
 
   diverged  (a) the loss is NaN or infinite; or
-            (b) after `warmup` observations, the loss has stayed above
+            (b) after `warmup` observations, the loss level has stayed above
                 running_min + max(min_jump, rel_jump * |running_min|) for `patience` consecutive
-                observations, where running_min is the lowest finite loss observed before.
+                observations, where the level is the mean of the last `smoothing` losses (the
+                loss itself at smoothing = 1) and running_min the lowest level observed before.
   frozen    (c) the loss has not moved for `frozen_patience` consecutive observations:
                 |loss - previous loss| <= frozen_rtol * |previous loss| each time; or
             (d) the in-graph guard (st_moe.GuardedOptimizer) has skipped `frozen_patience`
@@ -23,18 +24,25 @@ once; the first that fires names the run:
                 all the tokens of a small group without meaning it (measured: a decoder layer of
                 st_moe_tiny at step 2, 100% of first choices, 5% dropped).
 
-Defaults: min_jump = 1.0 nats, rel_jump = 0.5, patience = 3, warmup = 5; frozen_patience = 5,
-frozen_rtol = 1e-5; collapse_dropped = 0.5, collapse_expert_fraction = 0.95,
+Defaults: min_jump = 1.0 nats, rel_jump = 0.5, patience = 3, warmup = 5, smoothing = 1;
+frozen_patience = 5, frozen_rtol = 1e-5; collapse_dropped = 0.5, collapse_expert_fraction = 0.95,
 collapse_patience = 10. Why these: a single spike that recovers within `patience` observations is
-not a divergence (the paper's unstable runs do not recover). A training loss on new batches moves
-by far more than 1e-5 of itself every step (per-batch noise alone is ~1e-2 at tiny scale), while
-a frozen run repeats it exactly (the learning-rate-1000 run: 7.0142 from step 3 on). Top-2 routing
-at capacity factor 1.25 drops a few percent of the tokens when balanced; with every token sent to
-one of E experts it drops 1 - 1.25 / E of them (69% at E = 4, the 67% measured at learning rate
-1000), and one expert's share of first choices is 1 / E when balanced; 10 steps in a row tell a
-collapse from a passing imbalance. Rules (c)-(f) need no warmup: an update that never happens or a
+not a divergence (the paper's unstable runs do not recover). `smoothing` is for losses whose
+per-batch noise is comparable to min_jump: fine-tuning on batches of 2-32 short sequences
+(st_moe.experiments.finetuning) moves by +-1 nat from step to step, so the lowest single loss of
+a healthy run sits more than a nat below its typical loss, and rule (b) at smoothing = 1 stopped
+two runs of the finetune_params table whose loss was still falling. A rise of J nats that stays
+lifts the mean by J / smoothing per step: it is caught later (after about smoothing x the
+threshold's margin / J steps), not missed. A training loss on new batches moves by far more than
+1e-5 of itself every step (per-batch noise alone is ~1e-2 at tiny scale), while a frozen run
+repeats it exactly (the learning-rate-1000 run: 7.0142 from step 3 on). Top-2 routing at capacity
+factor 1.25 drops a few percent of the tokens when balanced; with every token sent to one of E
+experts it drops 1 - 1.25 / E of them (69% at E = 4, the 67% measured at learning rate 1000), and
+one expert's share of first choices is 1 / E when balanced; 10 steps in a row tell a collapse
+from a passing imbalance. Rules (c)-(f) need no warmup: an update that never happens or a
 router that sends everything to one expert is broken from the first step.
 """
+import collections
 import dataclasses
 import math
 from typing import Dict, Optional
@@ -56,7 +64,7 @@ class DivergenceMonitor:
 
   def __init__(self, min_jump=1.0, rel_jump=0.5, patience=3, warmup=5, frozen_patience=5,
                frozen_rtol=1e-5, collapse_dropped=0.5, collapse_expert_fraction=0.95,
-               collapse_patience=10):
+               collapse_patience=10, smoothing=1):
     def count(v, least):
       return isinstance(v, int) and not isinstance(v, bool) and v >= least
     for name, value, ok, want in (
@@ -69,7 +77,8 @@ class DivergenceMonitor:
         ("collapse_dropped", collapse_dropped, 0 <= collapse_dropped < 1, "a fraction in [0, 1)"),
         ("collapse_expert_fraction", collapse_expert_fraction,
          0 < collapse_expert_fraction < 1, "a fraction in (0, 1)"),
-        ("collapse_patience", collapse_patience, count(collapse_patience, 1), "an integer >= 1")):
+        ("collapse_patience", collapse_patience, count(collapse_patience, 1), "an integer >= 1"),
+        ("smoothing", smoothing, count(smoothing, 1), "an integer >= 1")):
       if not ok:
         raise ValueError(f"DivergenceMonitor {name}={value!r}: must be {want}")
     self.min_jump = min_jump
@@ -81,6 +90,8 @@ class DivergenceMonitor:
     self.collapse_dropped = collapse_dropped
     self.collapse_expert_fraction = collapse_expert_fraction
     self.collapse_patience = collapse_patience
+    self.smoothing = smoothing
+    self.recent = collections.deque(maxlen=smoothing)  # the last `smoothing` losses
     self.running_min = math.inf
     self.seen = 0
     self.above = 0
@@ -116,17 +127,23 @@ class DivergenceMonitor:
     self.seen += 1
     if not math.isfinite(loss):
       return self._fire(step, loss, "diverged", f"loss is {loss} at step {step}")
-    if self.seen > self.warmup and math.isfinite(self.running_min) and loss > self.threshold():
-      self.above += 1
-      if self.above >= self.patience:
-        return self._fire(
-            step, loss, "diverged",
-            f"loss {loss:.4g} stayed above {self.threshold():.4g} (running minimum "
-            f"{self.running_min:.4g} + max({self.min_jump}, {self.rel_jump} x |min|)) for "
-            f"{self.patience} observations, up to step {step}")
-    else:
-      self.above = 0
-    self.running_min = min(self.running_min, loss)
+    self.recent.append(loss)
+    if len(self.recent) == self.smoothing:  # rule (b) judges full windows only
+      level = sum(self.recent) / self.smoothing
+      if (self.seen > self.warmup and math.isfinite(self.running_min)
+          and level > self.threshold()):
+        self.above += 1
+        if self.above >= self.patience:
+          what = (f"loss {loss:.4g}" if self.smoothing == 1 else
+                  f"mean loss of the last {self.smoothing} steps {level:.4g}")
+          return self._fire(
+              step, loss, "diverged",
+              f"{what} stayed above {self.threshold():.4g} (running minimum "
+              f"{self.running_min:.4g} + max({self.min_jump}, {self.rel_jump} x |min|)) for "
+              f"{self.patience} observations, up to step {step}")
+      else:
+        self.above = 0
+      self.running_min = min(self.running_min, level)
 
     if self.previous is not None and abs(loss - self.previous) <= self.frozen_rtol * abs(
         self.previous):

@@ -9,11 +9,24 @@ deterministic) at the last checkpoint, or at every fine-tuning checkpoint (the p
 peak validation score over fine-tuning).
 """
 import dataclasses
+import functools
+import math
 import time
 from typing import Dict, Sequence
 
+from st_moe.experiments import divergence
 from st_moe.experiments import jobs
 from st_moe.experiments import runner
+
+# The divergence rule judges the mean loss over the steps that see this many sequences
+# (divergence.py, `smoothing`): a fine-tuning batch of 2-32 sequences with targets of a few tokens
+# gives a per-step loss that moves by about a nat, the rule's own margin.
+SMOOTHING_SEQUENCES = 256
+
+
+def loss_smoothing(batch_size: int) -> int:
+  """Steps whose mean loss the divergence rule judges at `batch_size` sequences per step."""
+  return max(1, math.ceil(SMOOTHING_SEQUENCES / batch_size))
 
 
 def decode_metrics_by_step(model_dir: str, task: str) -> Dict[int, Dict[str, float]]:
@@ -65,8 +78,10 @@ def finetune(job: jobs.Job, decode_job: jobs.Job, pretrained_dir: str, steps: in
   if start is None:
     raise ValueError(f"pretrained_dir={pretrained_dir!r}: holds no checkpoint to fine-tune from")
   clock = time.monotonic()
+  monitor_factory = functools.partial(divergence.DivergenceMonitor,
+                                      smoothing=loss_smoothing(job.shape.batch_size))
   summary = jobs.train(job, start + steps, checkpoint_every, show=show,
-                       every=max(1, steps // 5),
+                       every=max(1, steps // 5), monitor_factory=monitor_factory,
                        init_checkpoint=jobs.join(pretrained_dir, f"model.ckpt-{start}"))
   if jobs.failed(summary):
     return summary
