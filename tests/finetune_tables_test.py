@@ -217,6 +217,9 @@ class TablesTest(absltest.TestCase):
     kept, reset = commands.split("## ft_sparse_reset1_seed0")
     self.assertIn("--gin_file=finetune.gin", kept)
     self.assertIn("utils.run.init_checkpoint", kept)
+    # Resumed, it would skip the batches it trained on since the pretrained step-2 checkpoint.
+    self.assertIn("utils.run.skip_seen_data = True", kept)
+    self.assertIn("utils.run.seen_data_init_step = 2", kept)
     self.assertIn("--gin_file=eval.gin", kept)  # the decoding's command line
     self.assertNotIn("not_optimizer_slot", kept)
     self.assertIn("@st_moe.not_optimizer_slot", reset)

@@ -265,8 +265,17 @@ def train(job: Job, steps: int, checkpoint_every: int, *, show=print, every=None
   params = job.run_params() + [f"utils.run.train_steps = {steps}",
                                f"utils.run.save_checkpoints_steps = {checkpoint_every}",
                                f"utils.run.iterations_per_loop = {checkpoint_every}"]
+  # A resumed run reads on where it stopped: without this the Estimator's input restarts at the
+  # first batch of the seeded data order, so a run killed and resumed trains on other batches
+  # than the same run uninterrupted (mesh_tensorflow's utils.run.skip_seen_data: it skips the
+  # checkpoint's step less seen_data_init_step batches; a fine-tuning run counts from its
+  # pretrained checkpoint's step). The skipped batches are read and dropped once per resume.
+  init_step = 0
   if init_checkpoint:
+    from st_moe.experiments import checkpoints  # pylint: disable=g-import-not-at-top
     params.append(f"utils.run.init_checkpoint = '{init_checkpoint}'")
+    init_step = checkpoints.step_of(init_checkpoint) or 0
+  params += ["utils.run.skip_seen_data = True", f"utils.run.seen_data_init_step = {init_step}"]
   summary = {"train_steps": steps, "gin_files": job.run_files()}
   _fall_back_to_readable(job, show)
   start = runner.latest_checkpoint_step(job.model_dir) or 0
@@ -284,8 +293,7 @@ def train(job: Job, steps: int, checkpoint_every: int, *, show=print, every=None
   else:
     first = start + 1
     if init_checkpoint and not start:  # fine-tuning: the global step counts on from the checkpoint
-      from st_moe.experiments import checkpoints  # pylint: disable=g-import-not-at-top
-      first = (checkpoints.step_of(init_checkpoint) or 0) + 1
+      first = init_step + 1
     show(f"[{job.name}] training steps {first}..{steps}"
          + (" (resuming from its checkpoint)" if start else "")
          + (f" from {init_checkpoint}" if init_checkpoint and not start else ""))
