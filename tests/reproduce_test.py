@@ -7,6 +7,7 @@ Bookkeeping without training (skipping, stable and diverged rows) is in jobs_tes
 import csv
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -411,6 +412,7 @@ class ResumedRunTest(absltest.TestCase):
 
   def test_resumed_run_reads_on_where_it_stopped(self):
     out = tempfile.mkdtemp(prefix="resumed_run_test_")
+    self.addCleanup(shutil.rmtree, out, ignore_errors=True)
     settings = dict(SMALL, checkpoint_every=2, gin_params=(CALM,))
     straight = common.Config(out=os.path.join(out, "straight"), **dict(settings, steps=4))
     stopped = common.Config(out=os.path.join(out, "resumed"), **dict(settings, steps=2))
