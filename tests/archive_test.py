@@ -94,6 +94,27 @@ class ArchiveTest(absltest.TestCase):
     self.assertEqual(sorted(os.listdir(os.path.join(self.archive, "done_seed0", "trace_cf2"))),
                      ["routing.json", "trace_meta.json"])
 
+  def test_a_trained_run_not_yet_evaluated_stays_out_and_a_diverged_run_goes_in(self):
+    # Trained to step 4, evaluated only at step 2 (an earlier evaluation, as when a fine-tuning
+    # run's decoding was interrupted): without checkpoints it could never be evaluated at step 4.
+    pending = make_run(self.out, "trained_seed2", finished=True)
+    os.remove(os.path.join(pending.model_dir, "eval_cf2.json"))
+    _write(os.path.join(pending.model_dir, "decode_all.json"), json.dumps(dict(EVAL, step=2)))
+    diverged = make_run(self.out, "diverged_seed3", finished=False)  # stopped at step 2
+    _write(os.path.join(diverged.model_dir, "diverged.json"),
+           json.dumps({"status": "diverged", "diverged": "loss is NaN"}))
+    lines = []
+    self.assertEqual(archive.save(self.out, self.archive, show=lines.append),
+                     ["diverged_seed3", "done_seed0"])
+    self.assertEqual(sorted(os.listdir(self.archive)), ["diverged_seed3", "done_seed0"])
+    self.assertEqual(
+        [l for l in lines if l.startswith("[trained_seed2]")],
+        ["[trained_seed2] not archived: trained, but its last checkpoint (step 4) has no evaluation "
+         "yet, and the archive keeps no checkpoints; evaluate it (rerun its table) and save again"])
+    # Once evaluated at its last step, it is archived.
+    _write(os.path.join(pending.model_dir, "decode_all.json"), json.dumps(EVAL))
+    self.assertIn("trained_seed2", archive.save(self.out, self.archive, show=lambda _: None))
+
   def test_restored_run_is_skipped_with_its_evaluation_and_curve(self):
     archive.save(self.out, self.archive, show=lambda _: None)
     fresh = os.path.join(self.tmp, "fresh")

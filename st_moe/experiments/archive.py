@@ -16,7 +16,11 @@ What a finished run keeps (everything else, its checkpoints above all, is left o
     layer's auxiliary losses of every step (`<scope>/router/balance_loss` and `.../z_loss`: what
     st_moe.experiments.tables.sparse_vs_dense subtracts from the loss for the cross-entropy).
 A run that is still training (neither train_done.json nor diverged.json) is not archived: it
-resumes from its checkpoints, which only its own output folder has.
+resumes from its checkpoints, which only its own output folder has. Nor is a run that trained to
+the end but has no evaluation of its last checkpoint yet (a fine-tuning run whose decoding was
+interrupted, say): archived, it could never be evaluated, its checkpoints being left out; `save`
+names it and leaves it to be evaluated in its own folder first. A diverged run is archived as it is
+(the tables read its diverged.json, not an evaluation).
 
 Both directions go through tf.io.gfile, so either folder may be on gs://.
 """
@@ -24,8 +28,10 @@ from typing import List
 
 from st_moe.experiments import events
 from st_moe.experiments import jobs
+from st_moe.experiments import runner
 
 FINISHED = ("train_done.json", "diverged.json")
+BOOKKEEPING = ("job.json",) + FINISHED  # the other .json files of a run are its evaluations
 KEPT_FILES = ("checkpoint", "operative_config.gin")
 ARCHIVED_EVENTS = "events.out.tfevents.{time}.archive.v2"
 # The output folder in the archived JSON (the runs' recorded command lines name their model_dir):
@@ -45,6 +51,22 @@ def finished_runs(runs_dir) -> List[str]:
     return []
   return sorted(name.rstrip("/") for name in gfile.listdir(runs_dir)
                 if any(gfile.exists(jobs.join(runs_dir, name.rstrip("/"), f)) for f in FINISHED))
+
+
+def evaluation_pending(run_dir) -> bool:
+  """True for a run that trained to the end (train_done.json, not diverged) but has no evaluation
+  (<name>.json as jobs.evaluate writes it) of its last checkpoint's step."""
+  gfile = _tf().io.gfile
+  if gfile.exists(jobs.join(run_dir, "diverged.json")):
+    return False
+  last = runner.latest_checkpoint_step(run_dir)
+  for name in gfile.listdir(run_dir):
+    name = name.rstrip("/")
+    if name.endswith(".json") and name not in BOOKKEEPING:
+      evaluation = jobs.read_json(jobs.join(run_dir, name)) or {}
+      if isinstance(evaluation, dict) and evaluation.get("step") == last:
+        return False
+  return True
 
 
 def _write_curve(model_dir, dest_dir):
@@ -94,14 +116,21 @@ def _copy_tree(src, dest, old=None, new=None):
 
 
 def save(out, archive, show=print) -> List[str]:
-  """Archives every finished run of <out>/runs into <archive>/<run id>; returns their names.
+  """Archives every finished and evaluated run of <out>/runs into <archive>/<run id>; returns their
+  names.
 
-  A run already in the archive is written again (its evaluations may have grown)."""
+  A run already in the archive is written again (its evaluations may have grown). A run whose
+  evaluation is pending (evaluation_pending) is named and left out."""
   gfile = _tf().io.gfile
   runs_dir = jobs.join(out, "runs")
   saved = []
   for name in finished_runs(runs_dir):
     src, dest = jobs.join(runs_dir, name), jobs.join(archive, name)
+    if evaluation_pending(src):
+      show(f"[{name}] not archived: trained, but its last checkpoint (step "
+           f"{runner.latest_checkpoint_step(src)}) has no evaluation yet, and the archive keeps no "
+           f"checkpoints; evaluate it (rerun its table) and save again")
+      continue
     if gfile.isdir(dest):
       gfile.rmtree(dest)
     gfile.makedirs(dest)
