@@ -100,12 +100,21 @@ class ReportingTest(absltest.TestCase):
           reporting.plot_gap([(1, 100), (101, 200), (201, 300)], [0.02, None, -0.03],
                              os.path.join(d, "gap.png"), "Sparse ahead by",
                              point=(300, -0.027, 0.017, "validation")),
+          reporting.plot_bar_panels(
+              {"ours": ("accuracy", {"sparse": {"LR 1e-4": 0.0, "LR 1e-3": 82.5},
+                                     "dense": {"LR 1e-4": None, "LR 1e-3": 85.5}}),
+               "paper": ("SuperGLUE", {"sparse": {"LR 1e-4": 84.9, "LR 1e-3": 85.9},
+                                       "dense": {"LR 1e-4": 84.7, "LR 1e-3": 84.0}})},
+              os.path.join(d, "bars.png"), "Figure 6"),
       ]
       for path in paths:
         with open(path, "rb") as f:
           self.assertEqual(f.read(8), PNG_MAGIC, path)
       with self.assertRaisesRegex(ValueError, "no encoder or decoder values"):
         reporting.plot_entropy_bars({"ours": {}}, os.path.join(d, "e.png"), "t")
+      with self.assertRaisesRegex(ValueError, r"plot_bar_panels: no values in the panels \['ours'\]"):
+        reporting.plot_bar_panels({"ours": ("accuracy", {"sparse": {"LR 1e-3": None}})},
+                                  os.path.join(d, "b.png"), "t")
       if os.environ.get("ST_MOE_KEEP_PNG"):
         import shutil  # pylint: disable=g-import-not-at-top
         shutil.copytree(d, os.environ["ST_MOE_KEEP_PNG"], dirs_exist_ok=True)

@@ -309,6 +309,53 @@ def plot_entropy_bars(series, path, title, errors=None, ylabel="router entropy /
   return _save(fig, path)
 
 
+def plot_bar_panels(panels, path, title):
+  """Grouped bars, one panel per source, each with its own value axis: e.g. our scores beside the
+  paper's, which sit on other scales (accuracy 0-100 against SuperGLUE 84-87).
+
+  Args:
+    panels: {panel title: (ylabel, {series: {category: value or None}})}, left to right; the
+      categories (x) are the union over a panel's series in first-seen order; None draws no bar.
+      A panel whose values span less than a fifth of their top zooms its axis to them (said in
+      its y label) so that differences of a point show.
+    path: output file (.png, local or gs://).
+    title: the figure's title.
+  """
+  plt = _pyplot()
+  if not panels or not any(any(v is not None for d in series.values() for v in d.values())
+                           for _, series in panels.values()):
+    raise ValueError(f"plot_bar_panels: no values in the panels {sorted(panels)}")
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), dpi=110,
+                           squeeze=False)
+  for ax, (panel, (ylabel, series)) in zip(axes[0], panels.items()):
+    categories = list(dict.fromkeys(c for d in series.values() for c in d))
+    width = 0.8 / max(1, len(series))
+    values_all = [v for d in series.values() for v in d.values() if v is not None]
+    low, high = (min(values_all), max(values_all)) if values_all else (0.0, 1.0)
+    zoom = high > 0 and (high - low) < 0.2 * high
+    for i, (name, by_category) in enumerate(series.items()):
+      x = np.arange(len(categories)) + (i - (len(series) - 1) / 2) * width
+      heights = [by_category.get(c) for c in categories]
+      keep = [j for j, h in enumerate(heights) if h is not None]
+      bars = ax.bar(x[keep], [heights[j] for j in keep], width=width, label=name)
+      ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=1)
+    if zoom:
+      pad = max(0.5, 0.15 * (high - low))
+      ax.set_ylim(low - pad, high + pad)
+      ylabel += " (axis zoomed)"
+    else:
+      ax.set_ylim(0.0, high * 1.12 if high > 0 else 1.0)
+    ax.set_xticks(np.arange(len(categories)), labels=categories, fontsize=7, rotation=30,
+                  ha="right")
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(panel, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.suptitle(title, fontsize=10, x=0.02, ha="left")
+  fig.tight_layout(rect=(0, 0, 1, 0.94))
+  return _save(fig, path)
+
+
 def plot_rows(labels, series, path, title, xlabel="value"):
   """One row per label, each series' value as a point with its error bar (e.g. mean +- std over
   seeds): a table's rows side by side when the values are close (NLPs a few hundredths apart).

@@ -355,12 +355,12 @@ def directions(averages) -> List[str]:
 def _plot_figure_6(averages, path, title):
   labels = [f"LR {lr:g}" for lr in LEARNING_RATES] + [f"batch {b}" for b, _ in BATCHES] + [
       "slots kept", "slots reset"]
-  series = {}
-  for model in sparse_vs_dense.MODELS:
-    for who in ("ours", "paper"):
-      values = [averages[(model, who)].get(l) for l in labels]
-      series[f"{model} ({who})"] = (values, [None] * len(values))
-  return reporting.plot_rows(labels, series, path, title, xlabel="score (peak validation)")
+  panels = {}
+  for who, panel, ylabel in (("ours", "ours: the embedded task", "peak validation accuracy"),
+                             ("paper", "the paper: SuperGLUE (Table 20)", "SuperGLUE")):
+    panels[panel] = (ylabel, {model: {l: averages[(model, who)].get(l) for l in labels}
+                              for model in sparse_vs_dense.MODELS})
+  return reporting.plot_bar_panels(panels, path, title)
 
 
 def table(name: str, config: common.Config, show=print):
