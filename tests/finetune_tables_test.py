@@ -205,7 +205,7 @@ class TablesTest(absltest.TestCase):
       self.assertEqual(row["stopped runs"], "none")
     self.assertEqual([dict(zip(header, r))["paper (SuperGLUE)"] for r in rows], ["86.2", "85.2"])
     folder = os.path.join(self.out, "finetune_protocol")
-    for png in ("finetune_protocol.png", "figure_6.png"):
+    for png in ("finetune_protocol.png", "figure_6.png", "finetune_protocol_grid.png"):
       with open(os.path.join(folder, png), "rb") as f:
         self.assertEqual(f.read(8), PNG_MAGIC)
     with open(os.path.join(folder, "finetune_protocol.md")) as f:

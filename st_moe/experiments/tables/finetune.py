@@ -20,6 +20,8 @@ train capacity factor 1.25 and eval 2.0, balance loss on: finetune.gin's setting
 import dataclasses
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 from st_moe.analysis import reporting
 from st_moe.experiments import finetuning
 from st_moe.experiments import jobs
@@ -363,6 +365,28 @@ def _plot_figure_6(averages, path, title):
   return reporting.plot_bar_panels(panels, path, title)
 
 
+def _plot_protocol_grid(rows, results, path, title):
+  """Table 20 as a grid: batch x slots down, model x learning rate across; each cell our mean
+  peak +- std over seeds (colour) and the paper's SuperGLUE below it. Cells not run are blank."""
+  row_keys = [(b, reset) for b, _ in BATCHES for reset in (False, True)]
+  col_keys = [(m, lr) for m in sparse_vs_dense.MODELS for lr in LEARNING_RATES]
+  matrix = np.full((len(row_keys), len(col_keys)), np.nan)
+  text = [[""] * len(col_keys) for _ in row_keys]
+  for _, cell, paper in rows:
+    i = row_keys.index((cell.batch, cell.reset_slots))
+    j = col_keys.index((cell.model, cell.learning_rate))
+    mean, _ = jobs.mean_std([r.peak for r in results[cell]])
+    if mean is None:
+      continue
+    matrix[i, j] = mean
+    shown = paper if isinstance(paper, str) else f"{paper:.1f}"
+    text[i][j] = f"{common.pm([r.peak for r in results[cell]], 1)}\n(paper {shown})"
+  return reporting.plot_heatmap(
+      matrix, [f"{b} / {'reset' if reset else 'kept'}" for b, reset in row_keys],
+      [f"{m} {lr:g}" for m, lr in col_keys], path, title, cmap="viridis", vmin=0.0,
+      vmax=100.0, cell_text=text, colorbar_label="peak validation accuracy (ours)")
+
+
 def table(name: str, config: common.Config, show=print):
   """Pretrains (if missing), fine-tunes and decodes every cell of table `name`; writes it."""
   validate(name, config)
@@ -426,7 +450,11 @@ def table(name: str, config: common.Config, show=print):
     fig_headers, fig_rows, averages = figure_6(rows, results)
     _plot_figure_6(averages, jobs.join(out, "figure_6.png"),
                    f"Figure 6's averages ({config.scale}): ours and the paper's")
-    extra = ["## Figure 6: averages per setting", "",
+    _plot_protocol_grid(rows, results, jobs.join(out, "finetune_protocol_grid.png"),
+                        f"Table 20 ({config.scale}): peak accuracy, mean +- std over "
+                        f"{config.seeds} seed(s); the paper's SuperGLUE below")
+    extra = ["![Table 20 as a grid](finetune_protocol_grid.png)", "",
+             "## Figure 6: averages per setting", "",
              reporting.markdown_table(fig_headers, fig_rows), "",
              "Does the paper's direction hold here?", "", *directions(averages), "",
              "![Figure 6](figure_6.png)", ""] + extra
