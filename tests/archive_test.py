@@ -148,6 +148,31 @@ class ArchiveTest(absltest.TestCase):
     with open(os.path.join(self.out, "runs", "done_seed0", "eval_cf2.json")) as f:
       self.assertEqual(json.load(f), {"neg_log_perplexity": -1.0})
 
+  def test_save_keeps_an_archived_run_of_another_training(self):
+    archive.save(self.out, self.archive, show=lambda _: None)
+    run_dir = os.path.join(self.out, "runs", "done_seed0")
+    # The same training, evaluated once more: archived again, the new evaluation with it.
+    _write(os.path.join(run_dir, "eval_cf8.json"), json.dumps(dict(EVAL, neg_log_perplexity=-4.0)))
+    self.assertEqual(archive.save(self.out, self.archive, show=lambda _: None), ["done_seed0"])
+    self.assertTrue(os.path.exists(os.path.join(self.archive, "done_seed0", "eval_cf8.json")))
+    # Trained again (another wall time in its train_done.json): the archived run stays as it was.
+    _write(os.path.join(run_dir, "train_done.json"),
+           json.dumps({"train_steps": STEPS, "status": "done", "final_train_loss": LOSSES[STEPS],
+                       "seconds": 12.5}))
+    os.remove(os.path.join(run_dir, "eval_cf8.json"))
+    lines = []
+    self.assertEqual(archive.save(self.out, self.archive, show=lines.append), [])
+    dest = os.path.join(self.archive, "done_seed0")
+    self.assertEqual(lines, [f"[done_seed0] not archived: {dest} holds another training of this "
+                             "run (train_done.json differs: trained again since it was archived); "
+                             "kept as it is; delete it to archive this one"])
+    with open(os.path.join(dest, "train_done.json")) as f:
+      self.assertNotIn("seconds", json.load(f))
+    self.assertTrue(os.path.exists(os.path.join(dest, "eval_cf8.json")))
+    # Deleted from the archive, it is archived.
+    shutil.rmtree(dest)
+    self.assertEqual(archive.save(self.out, self.archive, show=lambda _: None), ["done_seed0"])
+
   def test_tool_saves_restores_and_names_a_missing_archive(self):
     def tool(*args):
       return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True,

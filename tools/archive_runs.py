@@ -5,7 +5,8 @@ r"""Save a reproduction's finished runs without their checkpoints, or restore th
 
 `save` copies every finished run of <out>/runs (its bookkeeping JSON, evaluations, routing traces
 and training-loss curve; no checkpoint) into the archive; `restore` copies the archived runs into
-<out>/runs, never over a run folder that exists. `tools/reproduce.py <table> --out=<out>` then skips
+<out>/runs, never over a run folder that exists; `save` never replaces an archived run with
+another training of it (it names it instead). `tools/reproduce.py <table> --out=<out>` then skips
 the restored runs and trains the rest: a table too long for one session is finished in the next.
 See st_moe/experiments/archive.py for what is kept. gs:// folders work.
 """

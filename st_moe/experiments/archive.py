@@ -115,12 +115,34 @@ def _copy_tree(src, dest, old=None, new=None):
       _copy(jobs.join(src, name), jobs.join(dest, name), old, new)
 
 
+def _other_training(src, dest, out):
+  """The name of the bookkeeping file (train_done.json or diverged.json) in which the archived run
+  `dest` differs from the run `src` of the output folder `out`, or None if `dest` is not archived
+  or is the same training."""
+  gfile = _tf().io.gfile
+  if not gfile.isdir(dest):
+    return None
+  for name in FINISHED:
+    archived, current = jobs.join(dest, name), jobs.join(src, name)
+    if not (gfile.exists(archived) or gfile.exists(current)):
+      continue
+    if not (gfile.exists(archived) and gfile.exists(current)):
+      return name
+    if jobs.read_text(current).replace(out, OUT_PLACEHOLDER) != jobs.read_text(archived):
+      return name
+  return None
+
+
 def save(out, archive, show=print) -> List[str]:
   """Archives every finished and evaluated run of <out>/runs into <archive>/<run id>; returns their
   names.
 
-  A run already in the archive is written again (its evaluations may have grown). A run whose
-  evaluation is pending (evaluation_pending) is named and left out."""
+  A run already in the archive is written again (its evaluations may have grown) if it is the same
+  training: the same train_done.json or diverged.json. One archived from another training of that
+  run id (trained again since, say, after its folder was lost) is kept, named, and not overwritten:
+  the archive is what the checked-in tables cite (their wall times and command lines); delete it
+  from the archive to replace it. A run whose evaluation is pending (evaluation_pending) is named and
+  left out."""
   gfile = _tf().io.gfile
   runs_dir = jobs.join(out, "runs")
   saved = []
@@ -130,6 +152,11 @@ def save(out, archive, show=print) -> List[str]:
       show(f"[{name}] not archived: trained, but its last checkpoint (step "
            f"{runner.latest_checkpoint_step(src)}) has no evaluation yet, and the archive keeps no "
            f"checkpoints; evaluate it (rerun its table) and save again")
+      continue
+    other = _other_training(src, dest, out.rstrip("/"))
+    if other:
+      show(f"[{name}] not archived: {dest} holds another training of this run ({other} differs: "
+           f"trained again since it was archived); kept as it is; delete it to archive this one")
       continue
     if gfile.isdir(dest):
       gfile.rmtree(dest)
