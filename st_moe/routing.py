@@ -345,6 +345,10 @@ def routing_metrics(result, experts_dim, nonpadding=None) -> Dict[str, mtf.Tenso
   Returns:
     a dict of mtf scalars:
       fraction_dropped: fraction of tokens that got no buffer slot at all;
+      slots_per_token: the layer's buffer slots per token of a group, E x C / S (a constant): a
+        router however balanced drops at least 1 - slots_per_token of the tokens when it is
+        below 1 (top-1 at capacity factor 0.75: a quarter), which the collapse rule
+        (st_moe.experiments.divergence) discounts;
       confidence: mean top-1 router probability;
       entropy: mean routing entropy -sum_e p_e log p_e (nats);
       max_logit: the largest router logit of a non-padding token (what the router z-loss keeps
@@ -361,8 +365,11 @@ def routing_metrics(result, experts_dim, nonpadding=None) -> Dict[str, mtf.Tenso
   routed = mtf.minimum(mtf.reduce_sum(result.kept, reduced_dim=selected_dim), 1.0)  # [G, S]
   log_probs = mtf.log_softmax(result.router_logits, experts_dim)
   entropy = -mtf.reduce_sum(probs * log_probs, reduced_dim=experts_dim)  # [G, S]
+  group_size = result.dispatch.shape.dims[1].size
   metrics = {
       "fraction_dropped": mtf.reduce_sum(weight * (1.0 - routed)) / num_tokens,
+      "slots_per_token": mtf.constant(
+          probs.mesh, experts_dim.size * result.capacity / group_size, dtype=tf.float32),
       "confidence": mtf.reduce_sum(weight * mtf.reduce_max(probs, reduced_dim=experts_dim))
                     / num_tokens,
       "entropy": mtf.reduce_sum(weight * entropy) / num_tokens,

@@ -116,6 +116,29 @@ class StepMetricsTest(absltest.TestCase):
     self.assertEqual(metrics[2], {"consecutive_skipped": 1.0})
     self.assertEqual(metrics[1]["consecutive_skipped"], 0.0)
 
+  def test_excess_dropped_discounts_what_the_capacity_always_drops(self):
+    top1, top2 = "encoder/block_001/sparse_ffn/SparseFFN", "decoder/block_001/sparse_ffn/SparseFFN"
+    scalars = {
+        # Top-1 at capacity factor 0.75: 0.75 slots per token, a quarter of the tokens always
+        # dropped; 62.5% dropped is half of the other three quarters.
+        f"{top1}/router/fraction_dropped": {1: 0.625, 2: 0.25},
+        f"{top1}/router/slots_per_token": {1: 0.75, 2: 0.75},
+        # Top-2 at 1.25: 2.5 slots per token, nothing dropped by design.
+        f"{top2}/router/fraction_dropped": {1: 0.3, 2: 0.4},
+        f"{top2}/router/slots_per_token": {1: 2.5, 2: 2.5},
+    }
+    layers = events.router_layers(scalars)
+    self.assertAlmostEqual(events.excess_dropped(layers[top1], 1), 0.5)
+    self.assertAlmostEqual(events.excess_dropped(layers[top1], 2), 0.0)
+    self.assertAlmostEqual(events.excess_dropped(layers[top2], 1), 0.3)
+    rows = events.router_by_step(scalars)
+    self.assertAlmostEqual(rows[1]["max_excess_dropped"], 0.5)  # top-1's, above top-2's 0.3
+    self.assertAlmostEqual(rows[1]["max_dropped"], 0.625)
+    self.assertAlmostEqual(rows[2]["max_excess_dropped"], 0.4)
+    # Event files written before the layer reported its slots: the fraction dropped itself.
+    del scalars[f"{top1}/router/slots_per_token"]
+    self.assertAlmostEqual(events.router_by_step(scalars)[1]["max_excess_dropped"], 0.625)
+
   def test_cross_entropy_is_the_loss_less_weighted_aux_losses_by_hand(self):
     enc, dec = "encoder/block_001/sparse_ffn/SparseFFN", "decoder/block_001/sparse_ffn/SparseFFN"
     scalars = {

@@ -78,7 +78,7 @@ class LossesTest(absltest.TestCase):
             losses.router_z_loss(r.router_logits, self.dims[2], nonpadding),
             metrics["fraction_dropped"], metrics["confidence"], metrics["entropy"],
             metrics["expert_fraction/00"], metrics["expert_fraction/03"], r.kept,
-            metrics["max_logit"]]
+            metrics["max_logit"], metrics["slots_per_token"]]
 
   def _reference(self, padded):
     w = self.nonpadding if padded else np.ones((G, S), np.float32)
@@ -113,6 +113,8 @@ class LossesTest(absltest.TestCase):
       want_dropped = ((~kept.any(-1)) * w).sum() / w.sum()
       self.assertAlmostEqual(got[2], want_dropped, places=6)
       self.assertGreater(want_dropped, 0.0)
+      # E x C / S buffer slots per token: 4 experts x 2 slots for groups of 6 tokens.
+      self.assertAlmostEqual(got[9], 4 * 2 / 6, places=6)
 
   def test_balance_loss_by_hand_and_collapsed(self):
     # One group of 10 tokens over 2 experts: nine at probabilities (0.51, 0.49), top-1 expert 0,

@@ -190,6 +190,26 @@ def router_layers(scalars) -> Dict[str, Dict[str, Dict[int, float]]]:
   return layers
 
 
+def excess_dropped(layer, step) -> float:
+  """The fraction of the tokens a sparse layer's capacity could take that it dropped at `step`.
+
+  (dropped - floor) / (1 - floor), where floor = max(0, 1 - slots_per_token) is what the layer
+  drops however balanced its router (`st_moe.routing.routing_metrics`): a quarter of the tokens
+  for top-1 at capacity factor 0.75, none for top-2 at 1.25. Event files without
+  `slots_per_token` (written before 2026-12-04) give the fraction dropped itself.
+
+  Args:
+    layer: {metric: {step: value}} of one layer (`router_layers`).
+    step: a step at which the layer wrote `fraction_dropped`.
+  """
+  dropped = layer["fraction_dropped"][step]
+  slots = layer.get("slots_per_token", {})
+  if not slots:
+    return dropped
+  floor = max(0.0, 1.0 - slots.get(step, next(iter(slots.values()))))
+  return max(0.0, (dropped - floor) / (1.0 - floor))
+
+
 def router_by_step(scalars) -> Dict[int, Dict[str, float]]:
   """Router metrics of each step, summarised over the sparse layers.
 
@@ -198,7 +218,8 @@ def router_by_step(scalars) -> Dict[int, Dict[str, float]]:
 
   Returns:
     {step: {"z_loss": mean over layers, "balance_loss": mean, "dropped": mean fraction of tokens
-    dropped, "max_dropped": the largest layer's, "max_expert_fraction": the largest fraction of
+    dropped, "max_dropped": the largest layer's, "max_excess_dropped": the largest layer's
+    `excess_dropped`, "max_expert_fraction": the largest fraction of
     tokens any one expert got as first choice in any layer, "max_expert_share": the same, but
     at most the layer's balance_loss / E (= sum_e f_e P_e: the router's mean probability of the
     experts it picks first), so that it is near 1 only when one expert gets nearly every token
@@ -225,6 +246,7 @@ def router_by_step(scalars) -> Dict[int, Dict[str, float]]:
       if vals:
         row[key] = sum(vals) / len(vals)
     row["max_dropped"] = max(m["fraction_dropped"][step] for m in layers.values())
+    row["max_excess_dropped"] = max(excess_dropped(m, step) for m in layers.values())
     logits = [m["max_logit"][step] for m in layers.values() if step in m.get("max_logit", {})]
     if logits:
       row["max_logit"] = max(logits)  # the largest router logit of any sparse layer
