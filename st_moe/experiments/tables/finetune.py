@@ -375,12 +375,13 @@ def _plot_protocol_grid(rows, results, path, title):
   for _, cell, paper in rows:
     i = row_keys.index((cell.batch, cell.reset_slots))
     j = col_keys.index((cell.model, cell.learning_rate))
-    mean, _ = jobs.mean_std([r.peak for r in results[cell]])
+    peaks = [r.peak for r in results[cell]]
+    mean, _ = jobs.mean_std(peaks)
     if mean is None:
       continue
     matrix[i, j] = mean
     shown = paper if isinstance(paper, str) else f"{paper:.1f}"
-    text[i][j] = f"{common.pm([r.peak for r in results[cell]], 1)}\n(paper {shown})"
+    text[i][j] = f"{common.pm(peaks, 1)}\n(paper {shown})"
   return reporting.plot_heatmap(
       matrix, [f"{b} / {'reset' if reset else 'kept'}" for b, reset in row_keys],
       [f"{m} {lr:g}" for m, lr in col_keys], path, title, cmap="viridis", vmin=0.0,
