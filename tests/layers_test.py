@@ -233,7 +233,8 @@ class SparseFFNTest(absltest.TestCase):
     names = sorted(name for name, _ in tf.get_collection(mtf.utils.SCALAR_SUMMARIES_COLLECTION_KEY))
     self.assertEqual(names, sorted(["moe/router/balance_loss", "moe/router/z_loss",
                                     "moe/router/fraction_dropped", "moe/router/confidence",
-                                    "moe/router/entropy", "moe/router/max_logit"] +
+                                    "moe/router/entropy", "moe/router/max_logit",
+                                    "moe/router/slots_per_token"] +
                                    [f"moe/router/expert_fraction/{e:02d}" for e in range(4)]))
 
   def test_invalid_settings_name_the_setting(self):
