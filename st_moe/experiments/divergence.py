@@ -45,8 +45,8 @@ one expert's share of first choices is 1 / E when balanced. An untrained router 
 more, for tens of steps, and recovers (measured at --scale=small, top-1 at capacity factor 1.0,
 seed 0: over half the tokens of a decoder layer dropped from step 2 to 17, 82% at step 6, again
 at times up to step 93, 12% at step 150, while no expert took over 3.7% of all the tokens: an
-imbalance within groups, not a router that prefers one expert; with a
-patience of 10 the rule stopped that run and top-1 at 0.75 at step 11), so 50 steps in a row
+imbalance within groups, not a router that prefers one expert; with a patience of 10 the rule
+stopped that run at step 11 and top-1 at 0.75 at step 10), so 50 steps in a row
 tell a collapse from a passing imbalance; a collapsed router stays collapsed (the
 learning-rate-1000 run drops 67% from step 3 on). Rules (c)-(f) need no warmup: an update that
 never happens is broken from the first step.
@@ -127,7 +127,8 @@ class DivergenceMonitor:
         largest fraction of tokens dropped in a sparse layer), "max_expert_share" (the largest
         share of the tokens one expert took in a layer; "max_expert_fraction", the share of first
         choices alone, if absent), "max_excess_dropped" (the largest fraction dropped of the
-        tokens a layer's capacity could take; "max_dropped" if absent), "num_experts" (the fewest experts of a sparse layer),
+        tokens a layer's capacity could take; "max_dropped" if absent), "num_experts" (the
+        fewest experts of a sparse layer),
         "consecutive_skipped" (the guard's count of skipped updates in a row).
     """
     if self.diverged:
