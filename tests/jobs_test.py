@@ -122,6 +122,7 @@ class BookkeepingTest(absltest.TestCase):
     os.makedirs(job.model_dir)
     with open(job.path("checkpoint"), "w") as f:
       f.write('model_checkpoint_path: "model.ckpt-4"\n')
+    open(job.path("model.ckpt-4.index"), "w").close()
     # Every evaluation fixes its data's seed first (span corruption's masks are random otherwise).
     jobs.write_json(job.path("eval_cf2.json"), {
         "step": 4, "eval_steps": 1, "gin_params": ["mesh_eval_dataset_fn.seed = 0", "x = 1"],
@@ -133,11 +134,25 @@ class BookkeepingTest(absltest.TestCase):
       with self.assertRaisesRegex(AssertionError, "runner.run called"):
         jobs.evaluate(job, "eval_cf2", eval_steps=2, gin_params=["x = 1"])
 
+  def test_evaluation_of_a_run_without_its_checkpoint_is_named_before_running(self):
+    # An archived run: its `checkpoint` index names step 1000, its model.ckpt-1000.* are gone.
+    job = _job(os.path.join(self.dir, "archived"))
+    os.makedirs(job.model_dir)
+    with open(job.path("checkpoint"), "w") as f:
+      f.write('model_checkpoint_path: "model.ckpt-1000"\n')
+    with mock.patch.object(runner, "run", _no_run):
+      with self.assertRaisesRegex(
+          jobs.MissingCheckpointError,
+          r"\[j\] evaluation eval_cf3 \(x = 3\) is not cached and needs the step-1000 "
+          r"checkpoint of .*archived, which is not there .* move .*archived aside and rerun"):
+        jobs.evaluate(job, "eval_cf3", eval_steps=1, gin_params=["x = 3"])
+
   def test_evaluation_fixes_the_seed_of_its_data(self):
     job = _job(os.path.join(self.dir, "eval_seed"))
     os.makedirs(job.model_dir)
     with open(job.path("checkpoint"), "w") as f:
       f.write('model_checkpoint_path: "model.ckpt-4"\n')
+    open(job.path("model.ckpt-4.index"), "w").close()
     seen = []
 
     def fake_run(model_dir, gin_files, params, **kwargs):

@@ -346,6 +346,10 @@ def train(job: Job, steps: int, checkpoint_every: int, *, show=print, every=None
 EVAL_DATA_SEED = "mesh_eval_dataset_fn.seed = 0"
 
 
+class MissingCheckpointError(RuntimeError):
+  """An evaluation that is not cached needs a checkpoint the run no longer has."""
+
+
 def evaluate(job: Job, name: str, *, eval_steps: int, gin_params: Sequence[str] = (),
              eval_gin_files: Sequence[str] = ("perplexity_eval.gin",), step=None, show=print,
              parse: Callable[[str], Dict] = None) -> Dict:
@@ -372,6 +376,15 @@ def evaluate(job: Job, name: str, *, eval_steps: int, gin_params: Sequence[str] 
   cached = read_json(path)
   if cached and all(cached.get(k) == v for k, v in key.items()):
     return cached
+  if step is not None and not _gfile().exists(
+      join(job.model_dir, f"model.ckpt-{step}.index")):
+    raise MissingCheckpointError(
+        f"[{job.name}] evaluation {name} ({' '.join(gin_params[1:]) or 'default settings'}) is "
+        f"not cached and needs the step-{step} checkpoint of {job.model_dir}, which is not there "
+        "(a run restored by tools/archive_runs.py keeps its results, not its checkpoints). To "
+        f"evaluate it, move {job.model_dir} aside and rerun the same command: it trains the run "
+        "again (same seed; equivalent, not bit-identical for a sparse model: README, 'One seed, "
+        "one run').")
   show(f"[{job.name}] evaluating step {step} on {job.task}:validation ({name})")
   params = job.run_params() + ["utils.run.dataset_split = 'validation'",
                                f"utils.run.eval_checkpoint_step = {step}",
