@@ -123,9 +123,10 @@ class StepMetricsTest(absltest.TestCase):
         # dropped; 62.5% dropped is half of the other three quarters.
         f"{top1}/router/fraction_dropped": {1: 0.625, 2: 0.25},
         f"{top1}/router/slots_per_token": {1: 0.75, 2: 0.75},
-        # Top-2 at 1.25: 2.5 slots per token, nothing dropped by design.
+        # Top-2 at 1.25: 1.25 slots per token (the capacity is not multiplied by k, as in MTF),
+        # nothing dropped by design.
         f"{top2}/router/fraction_dropped": {1: 0.3, 2: 0.4},
-        f"{top2}/router/slots_per_token": {1: 2.5, 2: 2.5},
+        f"{top2}/router/slots_per_token": {1: 1.25, 2: 1.25},
     }
     layers = events.router_layers(scalars)
     self.assertAlmostEqual(events.excess_dropped(layers[top1], 1), 0.5)
