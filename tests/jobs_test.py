@@ -23,6 +23,12 @@ def _job(model_dir, params=("num_experts = 4",)):
                   gin_params=list(params), task="some_task", shape=jobs.Shape(4, 32, 8))
 
 
+def _write_checkpoint(prefix):
+  """A real (tiny) checkpoint at `prefix`: prefix.index and one data shard of 4 floats."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.train.Checkpoint(v=tf.Variable([1.0, 2.0, 3.0, 4.0])).write(prefix)
+
+
 def _no_run(*args, **kwargs):
   raise AssertionError(f"runner.run called: {args} {kwargs}")
 
@@ -122,7 +128,7 @@ class BookkeepingTest(absltest.TestCase):
     os.makedirs(job.model_dir)
     with open(job.path("checkpoint"), "w") as f:
       f.write('model_checkpoint_path: "model.ckpt-4"\n')
-    open(job.path("model.ckpt-4.index"), "w").close()
+    _write_checkpoint(job.path("model.ckpt-4"))
     # Every evaluation fixes its data's seed first (span corruption's masks are random otherwise).
     jobs.write_json(job.path("eval_cf2.json"), {
         "step": 4, "eval_steps": 1, "gin_params": ["mesh_eval_dataset_fn.seed = 0", "x = 1"],
@@ -144,15 +150,34 @@ class BookkeepingTest(absltest.TestCase):
       with self.assertRaisesRegex(
           jobs.MissingCheckpointError,
           r"\[j\] evaluation eval_cf3 \(x = 3\) is not cached and needs the step-1000 "
-          r"checkpoint of .*archived, which is not there .* move .*archived aside and rerun"):
+          r"checkpoint of .*archived, which cannot be read: its index file "
+          r".*archived/model.ckpt-1000.index is missing .* move .*archived aside and rerun"):
         jobs.evaluate(job, "eval_cf3", eval_steps=1, gin_params=["x = 3"])
+
+  def test_evaluation_of_a_partly_written_checkpoint_is_named_before_running(self):
+    # The index lists 4 float32s (16 bytes); the data shard is cut to 8 bytes.
+    job = _job(os.path.join(self.dir, "partial"))
+    os.makedirs(job.model_dir)
+    with open(job.path("checkpoint"), "w") as f:
+      f.write('model_checkpoint_path: "model.ckpt-7"\n')
+    _write_checkpoint(job.path("model.ckpt-7"))
+    (data,) = [f for f in os.listdir(job.model_dir) if ".data-" in f]
+    with open(job.path(data), "r+b") as f:
+      f.truncate(8)
+    with mock.patch.object(runner, "run", _no_run):
+      with self.assertRaisesRegex(
+          jobs.MissingCheckpointError,
+          r"evaluation eval_cf2 \(default settings\) is not cached and needs the step-7 "
+          r"checkpoint of .*partial, which cannot be read: its data files hold 8 bytes but its "
+          r"index lists 16 bytes of tensors"):
+        jobs.evaluate(job, "eval_cf2", eval_steps=1)
 
   def test_evaluation_fixes_the_seed_of_its_data(self):
     job = _job(os.path.join(self.dir, "eval_seed"))
     os.makedirs(job.model_dir)
     with open(job.path("checkpoint"), "w") as f:
       f.write('model_checkpoint_path: "model.ckpt-4"\n')
-    open(job.path("model.ckpt-4.index"), "w").close()
+    _write_checkpoint(job.path("model.ckpt-4"))
     seen = []
 
     def fake_run(model_dir, gin_files, params, **kwargs):

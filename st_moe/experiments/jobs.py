@@ -347,7 +347,7 @@ EVAL_DATA_SEED = "mesh_eval_dataset_fn.seed = 0"
 
 
 class MissingCheckpointError(RuntimeError):
-  """An evaluation that is not cached needs a checkpoint the run no longer has."""
+  """An evaluation that is not cached needs a checkpoint the run no longer has (or only in part)."""
 
 
 def evaluate(job: Job, name: str, *, eval_steps: int, gin_params: Sequence[str] = (),
@@ -376,15 +376,17 @@ def evaluate(job: Job, name: str, *, eval_steps: int, gin_params: Sequence[str] 
   cached = read_json(path)
   if cached and all(cached.get(k) == v for k, v in key.items()):
     return cached
-  if step is not None and not _gfile().exists(
-      join(job.model_dir, f"model.ckpt-{step}.index")):
-    raise MissingCheckpointError(
-        f"[{job.name}] evaluation {name} ({' '.join(gin_params[1:]) or 'default settings'}) is "
-        f"not cached and needs the step-{step} checkpoint of {job.model_dir}, which is not there "
-        "(a run restored by tools/archive_runs.py keeps its results, not its checkpoints). To "
-        f"evaluate it, move {job.model_dir} aside and rerun the same command: it trains the run "
-        "again (same seed; equivalent, not bit-identical for a sparse model: README, 'One seed, "
-        "one run').")
+  if step is not None:
+    from st_moe.experiments import checkpoints  # pylint: disable=g-import-not-at-top
+    reason = checkpoints.readable(join(job.model_dir, f"model.ckpt-{step}"))
+    if reason is not None:
+      raise MissingCheckpointError(
+          f"[{job.name}] evaluation {name} ({' '.join(gin_params[1:]) or 'default settings'}) is "
+          f"not cached and needs the step-{step} checkpoint of {job.model_dir}, which cannot be "
+          f"read: {reason} (a run restored by tools/archive_runs.py keeps its results, not its "
+          f"checkpoints). To evaluate it, move {job.model_dir} aside and rerun the same command: "
+          "it trains the run again (same seed; equivalent, not bit-identical for a sparse model: "
+          "README, 'One seed, one run').")
   show(f"[{job.name}] evaluating step {step} on {job.task}:validation ({name})")
   params = job.run_params() + ["utils.run.dataset_split = 'validation'",
                                f"utils.run.eval_checkpoint_step = {step}",
