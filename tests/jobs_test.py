@@ -123,12 +123,18 @@ class BookkeepingTest(absltest.TestCase):
     self.assertEqual(summary["diverged"], message)
     self.assertTrue(os.path.exists(job.path("diverged.json")))
 
-  def test_evaluation_is_cached_for_its_step_and_settings(self):
-    job = _job(os.path.join(self.dir, "eval"))
+  def _job_at(self, name, step, weights=True):
+    """A Job whose `checkpoint` file names step `step`; with a real checkpoint there if `weights`."""
+    job = _job(os.path.join(self.dir, name))
     os.makedirs(job.model_dir)
     with open(job.path("checkpoint"), "w") as f:
-      f.write('model_checkpoint_path: "model.ckpt-4"\n')
-    _write_checkpoint(job.path("model.ckpt-4"))
+      f.write(f'model_checkpoint_path: "model.ckpt-{step}"\n')
+    if weights:
+      _write_checkpoint(job.path(f"model.ckpt-{step}"))
+    return job
+
+  def test_evaluation_is_cached_for_its_step_and_settings(self):
+    job = self._job_at("eval", 4)
     # Every evaluation fixes its data's seed first (span corruption's masks are random otherwise).
     jobs.write_json(job.path("eval_cf2.json"), {
         "step": 4, "eval_steps": 1, "gin_params": ["mesh_eval_dataset_fn.seed = 0", "x = 1"],
@@ -142,10 +148,7 @@ class BookkeepingTest(absltest.TestCase):
 
   def test_evaluation_of_a_run_without_its_checkpoint_is_named_before_running(self):
     # An archived run: its `checkpoint` index names step 1000, its model.ckpt-1000.* are gone.
-    job = _job(os.path.join(self.dir, "archived"))
-    os.makedirs(job.model_dir)
-    with open(job.path("checkpoint"), "w") as f:
-      f.write('model_checkpoint_path: "model.ckpt-1000"\n')
+    job = self._job_at("archived", 1000, weights=False)
     with mock.patch.object(runner, "run", _no_run):
       with self.assertRaisesRegex(
           jobs.MissingCheckpointError,
@@ -156,11 +159,7 @@ class BookkeepingTest(absltest.TestCase):
 
   def test_evaluation_of_a_partly_written_checkpoint_is_named_before_running(self):
     # The index lists 4 float32s (16 bytes); the data shard is cut to 8 bytes.
-    job = _job(os.path.join(self.dir, "partial"))
-    os.makedirs(job.model_dir)
-    with open(job.path("checkpoint"), "w") as f:
-      f.write('model_checkpoint_path: "model.ckpt-7"\n')
-    _write_checkpoint(job.path("model.ckpt-7"))
+    job = self._job_at("partial", 7)
     (data,) = [f for f in os.listdir(job.model_dir) if ".data-" in f]
     with open(job.path(data), "r+b") as f:
       f.truncate(8)
@@ -173,11 +172,7 @@ class BookkeepingTest(absltest.TestCase):
         jobs.evaluate(job, "eval_cf2", eval_steps=1)
 
   def test_evaluation_fixes_the_seed_of_its_data(self):
-    job = _job(os.path.join(self.dir, "eval_seed"))
-    os.makedirs(job.model_dir)
-    with open(job.path("checkpoint"), "w") as f:
-      f.write('model_checkpoint_path: "model.ckpt-4"\n')
-    _write_checkpoint(job.path("model.ckpt-4"))
+    job = self._job_at("eval_seed", 4)
     seen = []
 
     def fake_run(model_dir, gin_files, params, **kwargs):
