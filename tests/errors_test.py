@@ -1,13 +1,14 @@
 """Errors that say what to change: unreadable checkpoints, batch sizes the mesh does not divide, an
 unreadable vocabulary; and that the "not prepared" error still comes when the vocabulary is there.
 
-Checkpoints are real: tf.train.Saver (sharded, relative paths, as mesh_tensorflow saves) writes
-model.ckpt-1..3 of three small variables; the latest is then truncated, emptied of its data file or
-its index, or has bytes flipped. That a truncated checkpoint really cannot be restored and the
-earlier one can is checked with tf.train.Saver itself (the independent reference). Expected batch
-sizes are worked out by hand in the comments. The end-to-end cases run the real console script
-(`t5_mesh_transformer`, four processes started together in setUpClass); this machine has no
-network, so T5's gs:// vocabulary is unreachable, as for an offline user.
+Checkpoints are real (checkpoint_files.py): tf.train.Saver (sharded, relative paths, as
+mesh_tensorflow saves) writes model.ckpt-1..3 of three small variables; the latest is then
+truncated, emptied of its data file or its index, or has bytes flipped. That a truncated checkpoint
+really cannot be restored and the earlier one can is checked with tf.train.Saver itself (the
+independent reference). Expected batch sizes are worked out by hand in the comments. The
+end-to-end cases run the real console script (`t5_mesh_transformer`, four processes started
+together in setUpClass); this machine has no network, so T5's gs:// vocabulary is unreachable, as
+for an offline user.
 """
 import glob
 import os
@@ -21,6 +22,7 @@ import gin
 import numpy as np
 import tensorflow.compat.v1 as tf
 
+import checkpoint_files
 import graph_mode
 import guard_test
 from st_moe import guard
@@ -30,46 +32,6 @@ from st_moe.tasks import vocab
 setUpModule = graph_mode.enter
 tearDownModule = graph_mode.leave
 
-DATA_BYTES = 3 * 5 * 4 + 7 * 4 + 8  # a <float32>[3, 5], b <int32>[7], global_step <int64>[]
-
-
-def write_checkpoints(model_dir, steps=3):
-  """model.ckpt-1 .. model.ckpt-<steps> in model_dir (values differ per step); returns prefixes."""
-  os.makedirs(model_dir, exist_ok=True)
-  graph = tf.Graph()
-  with graph.as_default():
-    step = tf.train.get_or_create_global_step()
-    a = tf.get_variable("a", [3, 5], initializer=tf.ones_initializer())
-    tf.get_variable("b", [7], dtype=tf.int32, initializer=tf.zeros_initializer())
-    update = tf.group(tf.assign_add(step, 1), tf.assign_add(a, tf.ones([3, 5])))
-    saver = tf.train.Saver(sharded=True, save_relative_paths=True, max_to_keep=None)
-    with tf.Session() as session:
-      session.run(tf.global_variables_initializer())
-      for _ in range(steps):
-        session.run(update)
-        saver.save(session, os.path.join(model_dir, "model.ckpt"), global_step=step)
-  return [os.path.join(model_dir, f"model.ckpt-{s}") for s in range(1, steps + 1)]
-
-
-def restore(prefix):
-  """Restores `prefix` with tf.train.Saver (the reference for "readable"); returns a's value."""
-  graph = tf.Graph()
-  with graph.as_default():
-    tf.train.get_or_create_global_step()
-    a = tf.get_variable("a", [3, 5])
-    tf.get_variable("b", [7], dtype=tf.int32)
-    saver = tf.train.Saver()
-    with tf.Session() as session:
-      saver.restore(session, prefix)
-      return session.run(a)
-
-
-def truncate(path, size):
-  with open(path, "rb") as f:
-    data = f.read()
-  with open(path, "wb") as f:
-    f.write(data[:size])
-
 
 class JobsFallBackTest(absltest.TestCase):
 
@@ -78,10 +40,10 @@ class JobsFallBackTest(absltest.TestCase):
     from st_moe.experiments import jobs  # pylint: disable=g-import-not-at-top
     from st_moe.experiments import runner  # pylint: disable=g-import-not-at-top
     model_dir = tempfile.mkdtemp(prefix="jobs_fall_back_")
-    prefixes = write_checkpoints(model_dir, steps=3)
+    prefixes = checkpoint_files.write_checkpoints(model_dir, steps=3)
     data = [p for p in glob.glob(prefixes[2] + ".data-*")]
     for path in data:
-      truncate(path, 4)  # step 3 killed while writing
+      checkpoint_files.truncate(path, 4)  # step 3 killed while writing
     job = jobs.Job(name="j", model_dir=model_dir, gin_files=["st_moe_tiny.gin", "cpu.gin"],
                    gin_params=[], task="some_task", shape=jobs.Shape(4, 32, 8))
     lines = []
@@ -95,7 +57,7 @@ class JobsFallBackTest(absltest.TestCase):
     self.assertTrue(os.path.exists(data[0] + ".unreadable"))
     # Step 2 is the latest again (Saver's own restore of it gives a = 1 + 2).
     self.assertEqual(tf.train.latest_checkpoint(model_dir), prefixes[1])
-    np.testing.assert_array_equal(restore(prefixes[1]), np.full([3, 5], 3.0))
+    np.testing.assert_array_equal(checkpoint_files.restore(prefixes[1]), np.full([3, 5], 3.0))
     self.assertEqual(summary["status"], "done")
 
 
@@ -105,8 +67,8 @@ class CheckpointsTest(absltest.TestCase):
     super().setUp()
     self.dir = tempfile.mkdtemp(prefix="st_moe_ckpt_")
     self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
-    self.prefixes = write_checkpoints(self.dir)
-    self.data = self.prefixes[-1] + ".data-00000-of-00001"
+    self.prefixes = checkpoint_files.write_checkpoints(self.dir)
+    self.data = checkpoint_files.data_file(self.prefixes[-1])
 
   def test_intact_run(self):
     self.assertEqual(checkpoints.checkpoints(self.dir), list(enumerate(self.prefixes, 1)))
@@ -116,13 +78,15 @@ class CheckpointsTest(absltest.TestCase):
     self.assertIsNone(checkpoints.fall_back(self.dir))
 
   def test_truncated_latest_names_it_and_the_intact_one(self):
-    truncate(self.data, DATA_BYTES // 2)
+    data_bytes = checkpoint_files.DATA_BYTES
+    checkpoint_files.truncate(self.data, data_bytes // 2)
     with self.assertRaises((tf.errors.DataLossError, tf.errors.OutOfRangeError)):
-      restore(self.prefixes[-1])  # what the Estimator would hit
-    np.testing.assert_array_equal(restore(self.prefixes[1]), np.full([3, 5], 3.0))  # intact
+      checkpoint_files.restore(self.prefixes[-1])  # what the Estimator would hit
+    np.testing.assert_array_equal(checkpoint_files.restore(self.prefixes[1]),
+                                  np.full([3, 5], 3.0))  # intact
     self.assertEqual(checkpoints.readable(self.prefixes[-1]),
-                     f"its data files hold {DATA_BYTES // 2} bytes but its index lists "
-                     f"{DATA_BYTES} bytes of tensors (a partial write)")
+                     f"its data files hold {data_bytes // 2} bytes but its index lists "
+                     f"{data_bytes} bytes of tensors (a partial write)")
     self.assertEqual(checkpoints.latest_readable_checkpoint(self.dir), (2, self.prefixes[1]))
     with self.assertRaisesRegex(
         checkpoints.UnreadableCheckpointError,
@@ -135,13 +99,13 @@ class CheckpointsTest(absltest.TestCase):
     self.assertIn(f"utils.run.init_checkpoint='{self.prefixes[1]}'", message)
 
   def test_fall_back_makes_the_intact_one_latest(self):
-    truncate(self.data, 10)
+    checkpoint_files.truncate(self.data, 10)
     done = checkpoints.fall_back(self.dir)
     self.assertRegex(done, r"from its checkpoint of step 2: moved 3 file\(s\)")
     self.assertEqual(tf.train.latest_checkpoint(self.dir), self.prefixes[1])  # what Estimator reads
     self.assertTrue(os.path.exists(self.data + checkpoints.UNREADABLE_SUFFIX))
     self.assertFalse(os.path.exists(self.data))
-    np.testing.assert_array_equal(restore(tf.train.latest_checkpoint(self.dir)),
+    np.testing.assert_array_equal(checkpoint_files.restore(tf.train.latest_checkpoint(self.dir)),
                                   np.full([3, 5], 3.0))
     self.assertIsNone(checkpoints.unreadable_latest_message(self.dir))
 
@@ -167,7 +131,7 @@ class CheckpointsTest(absltest.TestCase):
 
   def test_nothing_readable(self):
     for prefix in self.prefixes:
-      truncate(prefix + ".data-00000-of-00001", 0)
+      checkpoint_files.truncate(checkpoint_files.data_file(prefix), 0)
     with self.assertRaisesRegex(checkpoints.UnreadableCheckpointError,
                                 "No earlier checkpoint there is readable either"):
       checkpoints.fall_back(self.dir)
@@ -289,8 +253,8 @@ class EntryPointErrorsTest(absltest.TestCase):
     super().setUpClass()
     cls.tmp = tempfile.mkdtemp(prefix="st_moe_errors_")
     broken = os.path.join(cls.tmp, "broken")
-    cls.prefixes = write_checkpoints(broken, steps=2)
-    truncate(cls.prefixes[-1] + ".data-00000-of-00001", 10)
+    cls.prefixes = checkpoint_files.write_checkpoints(broken, steps=2)
+    checkpoint_files.truncate(checkpoint_files.data_file(cls.prefixes[-1]), 10)
     empty_tfds = os.path.join(cls.tmp, "tfds")
     os.makedirs(empty_tfds)
     cmd = guard_test.entry_point_command

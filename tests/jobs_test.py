@@ -12,6 +12,7 @@ from unittest import mock
 
 from absl.testing import absltest
 
+import checkpoint_files
 from st_moe.experiments import jobs
 from st_moe.experiments import runner
 from st_moe.experiments.tables import common
@@ -21,12 +22,6 @@ from st_moe.experiments.tables import stability
 def _job(model_dir, params=("num_experts = 4",)):
   return jobs.Job(name="j", model_dir=model_dir, gin_files=["st_moe_tiny.gin", "cpu.gin"],
                   gin_params=list(params), task="some_task", shape=jobs.Shape(4, 32, 8))
-
-
-def _write_checkpoint(prefix):
-  """A real (tiny) checkpoint at `prefix`: prefix.index and one data shard of 4 floats."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.train.Checkpoint(v=tf.Variable([1.0, 2.0, 3.0, 4.0])).write(prefix)
 
 
 def _no_run(*args, **kwargs):
@@ -124,13 +119,14 @@ class BookkeepingTest(absltest.TestCase):
     self.assertTrue(os.path.exists(job.path("diverged.json")))
 
   def _job_at(self, name, step, weights=True):
-    """A Job whose `checkpoint` file names step `step`; with a real checkpoint there if `weights`."""
+    """A Job whose `checkpoint` file names step `step`; checkpoints 1..step there if `weights`."""
     job = _job(os.path.join(self.dir, name))
-    os.makedirs(job.model_dir)
-    with open(job.path("checkpoint"), "w") as f:
-      f.write(f'model_checkpoint_path: "model.ckpt-{step}"\n')
     if weights:
-      _write_checkpoint(job.path(f"model.ckpt-{step}"))
+      checkpoint_files.write_checkpoints(job.model_dir, steps=step)
+    else:
+      os.makedirs(job.model_dir)
+      with open(job.path("checkpoint"), "w") as f:
+        f.write(f'model_checkpoint_path: "model.ckpt-{step}"\n')
     return job
 
   def test_evaluation_is_cached_for_its_step_and_settings(self):
@@ -158,17 +154,16 @@ class BookkeepingTest(absltest.TestCase):
         jobs.evaluate(job, "eval_cf3", eval_steps=1, gin_params=["x = 3"])
 
   def test_evaluation_of_a_partly_written_checkpoint_is_named_before_running(self):
-    # The index lists 4 float32s (16 bytes); the data shard is cut to 8 bytes.
+    # The data shard of step 7 is cut to half the bytes its index lists.
     job = self._job_at("partial", 7)
-    (data,) = [f for f in os.listdir(job.model_dir) if ".data-" in f]
-    with open(job.path(data), "r+b") as f:
-      f.truncate(8)
+    half = checkpoint_files.DATA_BYTES // 2
+    checkpoint_files.truncate(checkpoint_files.data_file(job.path("model.ckpt-7")), half)
     with mock.patch.object(runner, "run", _no_run):
       with self.assertRaisesRegex(
           jobs.MissingCheckpointError,
           r"evaluation eval_cf2 \(default settings\) is not cached and needs the step-7 "
-          r"checkpoint of .*partial, which cannot be read: its data files hold 8 bytes but its "
-          r"index lists 16 bytes of tensors"):
+          rf"checkpoint of .*partial, which cannot be read: its data files hold {half} bytes but "
+          rf"its index lists {checkpoint_files.DATA_BYTES} bytes of tensors"):
         jobs.evaluate(job, "eval_cf2", eval_steps=1)
 
   def test_evaluation_fixes_the_seed_of_its_data(self):
