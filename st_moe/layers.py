@@ -201,7 +201,9 @@ class SparseFFN(transformer.TransformerLayer):
         does in training and evaluation. MTF's default for evaluation is "random".
       second_threshold_train, second_threshold_eval: threshold t of the threshold and random
         policies, in (0, 1] (ignored by all and none).
-      renormalize_gates: the k gates sum to one (MTF); else raw router probabilities.
+      renormalize_gates: the k gates sum to one (MTF); else raw router probabilities. Only for
+        k > 1: at k = 1 the gate is always the raw probability (MTF, the Switch Transformer),
+        since a renormalised single gate is 1 and would pass the router no gradient of the loss.
       balance_loss_coef: c_B, weight of the load-balancing loss (0 turns it off).
       router_z_loss_coef: c_z, weight of the router z-loss (applied directly, not times c_B).
       router_init_stddev: stddev of the normal initialiser of the router kernel.

@@ -8,7 +8,8 @@ tokens. The losses live in `st_moe.losses`; `routing_metrics` summarises a routi
 Semantics follow Mesh TensorFlow's `_top_2_gating` (the code ST-MoE, arXiv 2202.08906, was trained
 with), generalised to any k:
   * softmax over experts in float32; choice i is the argmax of the probabilities not yet chosen;
-  * gates of the k chosen experts renormalised to sum to one (or raw probabilities);
+  * gates of the k chosen experts renormalised to sum to one when k > 1 (or raw probabilities;
+    at k = 1 always the raw probability, as MTF's top-1 and the Switch Transformer);
   * choices after the first obey a second-expert policy (all | none | threshold | random);
   * capacity C per expert and group; all first choices take buffer slots before any second
     choice, and so on; overflow is dropped; a token dropped by all its experts gets a zero
@@ -250,7 +251,8 @@ def route_top_k(logits, experts_dim, group_dim, capacity, num_selected_experts=2
       keep always, never, when its gate exceeds second_threshold, or with probability
       min(1, gate / second_threshold).
     second_threshold: the threshold of the threshold and random policies.
-    renormalize_gates: gates of the k choices divided by their sum (MTF); else raw probabilities.
+    renormalize_gates: gates of the k choices divided by their sum (MTF), when k > 1; else (and
+      always at k = 1, as MTF) raw probabilities.
     batch_prioritized: buffer slots go to tokens in order of decreasing top-1 probability
       instead of their order in the group (encoders only: it looks at later tokens).
     precision: "float32", or "bfloat16": the softmax's exponentials and probabilities rounded to
@@ -287,7 +289,10 @@ def route_top_k(logits, experts_dim, group_dim, capacity, num_selected_experts=2
     if i + 1 < num_selected_experts:
       remaining = remaining * (1.0 - onehot) - onehot  # chosen experts sink below any prob.
   top1_mask = onehots[0] if nonpadding is None else onehots[0] * nonpadding
-  if renormalize_gates:
+  if renormalize_gates and num_selected_experts > 1:
+    # Not at k = 1: g / g would be 1 for every token, a constant through which the task loss sends
+    # the router no gradient. Top-1 keeps the raw probability (MTF's _top_n_gating and
+    # _switch_gating, the Switch Transformer).
     denom = mtf.add_n(gates) + 1e-9
     gates = [g / denom for g in gates]
 

@@ -25,8 +25,9 @@ decoder/logits/kernel) keep their names.
 Values. Sparse FFN: each expert weight <[experts, ...]> is the dense weight tiled over experts; its
 pre-norm scale is the dense FFN's; the router kernel <[d_model, experts_unsplit]> is drawn from
 normal(0, router_init_stddev) of that layer (what SparseFFN's initialiser does). With identical
-experts and renormalised gates (the k gates of a token sum to one) a token that no expert drops
-gets exactly the dense FFN's output, whatever the router says.
+experts and renormalised gates (the k gates of a token sum to one, k > 1) a token that no expert
+drops gets exactly the dense FFN's output, whatever the router says (at k = 1 the gate is the raw
+router probability p, so it gets p times the dense FFN's output).
 Extra dense FFN (ST-MoE's dense FFN after each sparse one), `extra_dense_ffn`:
   "identity" (default): pre-norm scale, wi_0 and wi_1 copied from the block's dense FFN, output
      kernel wo zero. The sub-layer adds 0 to its residual, so the upcycled model computes the dense

@@ -44,7 +44,8 @@ def reference_route(logits, k, capacity, nonpadding=None, policy="all", threshol
       ranked = sorted(range(experts), key=lambda e, p=probs[g, s]: (-p[e], e))[:k]
       index[g, s] = ranked
       raw = probs[g, s, ranked] * nonpadding[g, s]
-      gates[g, s] = raw / (raw.sum() + 1e-9) if renormalize else raw
+      # MTF renormalises only k > 1 gates (_top_n_gating: `if len(gates) > 1`; _switch_gating).
+      gates[g, s] = raw / (raw.sum() + 1e-9) if renormalize and k > 1 else raw
     if prioritized:
       order = sorted(range(size), key=lambda s, g=g: (-probs[g, s].max(), s))
     else:
@@ -156,6 +157,27 @@ class RoutingTest(absltest.TestCase):
     np.testing.assert_allclose(gates, want_gates, atol=1e-6)
     np.testing.assert_allclose(combine, want_combine, atol=1e-6)
     self.assertLess(gates.sum(-1).max(), 1.0)
+
+  def test_top1_gate_is_the_raw_probability_and_the_router_learns_from_it(self):
+    # At k = 1 a renormalised gate would be p / p = 1 for every token: the combine weights would
+    # not depend on the logits, and the task loss would send the router no gradient.
+    groups_dim, group_dim = mtf.Dimension("batch", G), mtf.Dimension("group", S)
+    experts_dim = mtf.Dimension("experts_unsplit", E)
+
+    def build(mesh):
+      logits = import_tensor(mesh, self.logits, [groups_dim, group_dim, experts_dim])
+      r = routing.route_top_k(logits, experts_dim, group_dim, S, 1, renormalize_gates=True)
+      (grad,) = mtf.gradients([mtf.reduce_sum(r.combine)], [logits])
+      return [r.gates, grad]
+
+    gates, grad = evaluate(build)
+    probs = softmax(self.logits.astype(np.float64))
+    np.testing.assert_allclose(gates[..., 0], probs.max(-1), atol=1e-6)
+    # By hand: d p_top / d logit_j = p_top * ([j = top] - p_j), every token kept (capacity S).
+    top = np.eye(E)[probs.argmax(-1)]
+    want = probs.max(-1, keepdims=True) * (top - probs)
+    np.testing.assert_allclose(grad, want, atol=1e-6)
+    self.assertGreater(np.abs(want).min(), 1e-4)
 
   def test_random_policy_keeps_second_choice_with_probability_gate_over_threshold(self):
     size, experts, threshold = 4096, 4, 0.3
