@@ -10,7 +10,6 @@ end-to-end cases run the real console script (`t5_mesh_transformer`, four proces
 together in setUpClass); this machine has no network, so T5's gs:// vocabulary is unreachable, as
 for an offline user.
 """
-import glob
 import os
 import re
 import shutil
@@ -41,9 +40,8 @@ class JobsFallBackTest(absltest.TestCase):
     from st_moe.experiments import runner  # pylint: disable=g-import-not-at-top
     model_dir = tempfile.mkdtemp(prefix="jobs_fall_back_")
     prefixes = checkpoint_files.write_checkpoints(model_dir, steps=3)
-    data = [p for p in glob.glob(prefixes[2] + ".data-*")]
-    for path in data:
-      checkpoint_files.truncate(path, 4)  # step 3 killed while writing
+    data = checkpoint_files.data_file(prefixes[2])
+    checkpoint_files.truncate(data, 4)  # step 3 killed while writing
     job = jobs.Job(name="j", model_dir=model_dir, gin_files=["st_moe_tiny.gin", "cpu.gin"],
                    gin_params=[], task="some_task", shape=jobs.Shape(4, 32, 8))
     lines = []
@@ -54,7 +52,7 @@ class JobsFallBackTest(absltest.TestCase):
     warnings = [line for line in lines if "WARNING" in line]
     self.assertLen(warnings, 1, lines)
     self.assertIn("from its checkpoint of step 2", warnings[0])
-    self.assertTrue(os.path.exists(data[0] + ".unreadable"))
+    self.assertTrue(os.path.exists(data + ".unreadable"))
     # Step 2 is the latest again (Saver's own restore of it gives a = 1 + 2).
     self.assertEqual(tf.train.latest_checkpoint(model_dir), prefixes[1])
     np.testing.assert_array_equal(checkpoint_files.restore(prefixes[1]), np.full([3, 5], 3.0))
