@@ -1,7 +1,8 @@
 """SparseFFN against upstream mesh_tensorflow.transformer.moe.MoE1D (top_2, GEGLU), same weights.
 
 With second-expert policy "all" or "none", equal capacity factor and group size, our layer and
-upstream's give the same outputs, balance loss and z-loss (upstream's z-loss weight is
+upstream's give the same outputs, balance loss and z-loss, and in training the same gradients
+of the input and of every weight (router and experts) (upstream's z-loss weight is
 z_loss * loss_coef, so MoE1D.z_loss = router_z_loss_coef / balance_loss_coef) to 1e-5 in float32.
 Upstream's z-loss needs a padding mask, so the context has sequence ids (with padding).
 """
@@ -52,7 +53,7 @@ def run_pair(capacity_factor, policy, mode="train", group_size=16, dispatch="ein
         second_policy_train=policy, second_policy_eval=policy, activation=["gelu", "linear"],
         moe_gating="top_2", loss_coef=BALANCE_COEF, z_loss=z_loss)
 
-  results = {}
+  results, grads = {}, {}
   for name, layer in (("ours", ours), ("upstream", upstream(Z_COEF / BALANCE_COEF)),
                       ("upstream_balance_only", upstream(None))):
     ctx = context()
@@ -62,9 +63,16 @@ def run_pair(capacity_factor, policy, mode="train", group_size=16, dispatch="ein
     loss = mtf.reduce_sum(mtf.square(y)) + aux
     grad_x, = mtf.gradients([loss], [x])
     results[name] = [y, grad_x] + list(ctx.losses)
+    own = {v.name[len(name) + 1:]: v for v in graph.trainable_variables
+           if v.name.startswith(name + "/")}
+    names = NAME_MAP if name == "ours" else {k: k for k in NAME_MAP.values()}
+    kernels = [own[n] for n in names]  # in NAME_MAP's order, ours and upstream alike
+    grads[name] = mtf.gradients([loss], [v.outputs[0] for v in kernels])
   variables = {v.name: v for v in graph.trainable_variables}
   lowering = layer_harness.lower(graph, mesh)
   fetches = {k: [lowering.export_to_tf_tensor(t) for t in v] for k, v in results.items()}
+  fetches.update({k + "_grads": [lowering.export_to_tf_tensor(t) for t in v]
+                  for k, v in grads.items()})
   copies = []
   for ours_name, up_name in NAME_MAP.items():
     source = variables["upstream/" + up_name].get_master()
@@ -91,6 +99,13 @@ class UpstreamParityTest(absltest.TestCase):
       np.testing.assert_allclose(ours[1], up[1], atol=1e-5, rtol=1e-5, err_msg="d/dx " + msg)
       np.testing.assert_allclose(balance + z, up[2], rtol=1e-5, err_msg="total " + msg)
       self.assertGreater(z, 0.0)
+      # The weights' gradients (ExpertEinsum writes the expert kernels' own): router and
+      # experts against upstream's, variable by variable.
+      for i, var in enumerate(NAME_MAP):
+        theirs = out["upstream_grads"][i]
+        self.assertGreater(np.abs(theirs).max(), 1e-6, f"{var} {msg}")  # a real gradient
+        np.testing.assert_allclose(out["ours_grads"][i], theirs, atol=1e-5, rtol=1e-4,
+                                   err_msg=f"d/d {var} {msg}")
     return out
 
   def test_policy_all(self):
