@@ -53,7 +53,7 @@ def run_pair(capacity_factor, policy, mode="train", group_size=16, dispatch="ein
         second_policy_train=policy, second_policy_eval=policy, activation=["gelu", "linear"],
         moe_gating="top_2", loss_coef=BALANCE_COEF, z_loss=z_loss)
 
-  results, grads = {}, {}
+  results, losses = {}, {}
   for name, layer in (("ours", ours), ("upstream", upstream(Z_COEF / BALANCE_COEF)),
                       ("upstream_balance_only", upstream(None))):
     ctx = context()
@@ -63,12 +63,12 @@ def run_pair(capacity_factor, policy, mode="train", group_size=16, dispatch="ein
     loss = mtf.reduce_sum(mtf.square(y)) + aux
     grad_x, = mtf.gradients([loss], [x])
     results[name] = [y, grad_x] + list(ctx.losses)
-    own = {v.name[len(name) + 1:]: v for v in graph.trainable_variables
-           if v.name.startswith(name + "/")}
-    names = NAME_MAP if name == "ours" else {k: k for k in NAME_MAP.values()}
-    kernels = [own[n] for n in names]  # in NAME_MAP's order, ours and upstream alike
-    grads[name] = mtf.gradients([loss], [v.outputs[0] for v in kernels])
+    losses[name] = loss
   variables = {v.name: v for v in graph.trainable_variables}
+  # The weights' gradients of ours and of upstream with its z-loss, in NAME_MAP's order.
+  grads = {name: mtf.gradients([losses[name]],
+                               [variables[f"{name}/{n}"].outputs[0] for n in names])
+           for name, names in (("ours", list(NAME_MAP)), ("upstream", list(NAME_MAP.values())))}
   lowering = layer_harness.lower(graph, mesh)
   fetches = {k: [lowering.export_to_tf_tensor(t) for t in v] for k, v in results.items()}
   fetches.update({k + "_grads": [lowering.export_to_tf_tensor(t) for t in v]
