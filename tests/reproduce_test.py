@@ -13,6 +13,7 @@ import sys
 import tempfile
 
 from absl.testing import absltest
+import entry_point
 import numpy as np
 from st_moe.analysis import routing_stats
 
@@ -28,6 +29,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SMALL = dict(seeds=1, steps=6, batch_size=4, inputs_length=32, targets_length=8, eval_steps=1,
              checkpoint_every=6, trace_tokens=64)
+# Every run here builds its model with 2 + 2 layers (one dense, one sparse per stack), at about 2/3
+# of a process's time (tests/entry_point.py).
+LAYERS = entry_point.TWO_LAYERS
 # The stability run at a learning rate 100x below the study's: 6 steps of it cannot diverge.
 CALM = "learning_rate_schedules.constant_learning_rate.learning_rate = 0.01"
 # st_moe_tiny has 4 experts. At eval capacity factor 4 an expert holds min(S, int(S * 4 / 4)) = S
@@ -36,7 +40,7 @@ CF_NOTHING_DROPPED = 4.0
 
 
 def _small_flags():
-  return [f"--{k}={v}" for k, v in SMALL.items()]
+  return [f"--{k}={v}" for k, v in SMALL.items()] + [f"--gin_param={p}" for p in LAYERS]
 
 
 class TablesTest(absltest.TestCase):
@@ -51,7 +55,8 @@ class TablesTest(absltest.TestCase):
          "--variants=remove_rmsnorm_scale", f"--out={cls.out}", f"--gin_param={CALM}"]
         + _small_flags(), capture_output=True, text=True, timeout=1500)
     config = common.Config(out=cls.out, capacity_factors_train=(1.25,),
-                           capacity_factors_eval=(2.0, CF_NOTHING_DROPPED), **SMALL)
+                           capacity_factors_eval=(2.0, CF_NOTHING_DROPPED), gin_params=LAYERS,
+                           **SMALL)
     cls.capacity_lines, cls.entropy_lines = [], []
     cls.capacity_md = tables.run_table("capacity", config, show=cls.capacity_lines.append)
     cls.entropy_md = tables.run_table("entropy", config, show=cls.entropy_lines.append)
@@ -60,7 +65,7 @@ class TablesTest(absltest.TestCase):
     # Table 17: reuses the two runs above (dense twin, default model); trains its two bias runs
     # side by side.
     cls.bias_lines = []
-    bias_config = common.Config(out=cls.out, jobs=2, **SMALL)
+    bias_config = common.Config(out=cls.out, jobs=2, gin_params=LAYERS, **SMALL)
     cls.bias_md = tables.run_table("expert_bias", bias_config, show=cls.bias_lines.append)
 
   def _csv(self, table):
@@ -201,7 +206,7 @@ class TablesTest(absltest.TestCase):
     self.assertAlmostEqual(float(bound[1]), np.log(4), places=3)
     self.assertAlmostEqual(float(bound[5]), np.log(32), places=2)
     ours = [float(r[c]) for r in body[:-1] for c in (1, 2, 3, 4) if r[c]]
-    self.assertLen(ours, 8)  # st_moe_tiny: 2 sparse layers per stack, sentinels and all tokens
+    self.assertLen(ours, 4)  # 1 sparse layer per stack (LAYERS), sentinels and all tokens
     for value in ours:
       self.assertBetween(value, 0.0, np.log(4) + 1e-6)
     traced = jobs.read_json(os.path.join(self.out, "runs", "default_cf1.25_seed0", "trace_cf2",
@@ -228,7 +233,8 @@ class TablesTest(absltest.TestCase):
   def test_rerun_skips_finished_runs(self):
     lines = []
     config = common.Config(out=self.out, capacity_factors_train=(1.25,),
-                           capacity_factors_eval=(2.0, CF_NOTHING_DROPPED), **SMALL)
+                           capacity_factors_eval=(2.0, CF_NOTHING_DROPPED), gin_params=LAYERS,
+                           **SMALL)
     tables.run_table("capacity", config, show=lines.append)
     self.assertTrue(any("already trained" in l for l in lines), lines)
     self.assertEqual([l for l in lines if "training steps" in l or "evaluating" in l
@@ -367,14 +373,16 @@ class EntropyTablesArithmeticTest(absltest.TestCase):
 class SameSeedSameRunTest(absltest.TestCase):
   """Two trainings of one seed, side by side, end bit-identical (losses and every variable).
 
-  This fails with reference variables (ST_MOE_REF_VARIABLES=1): mesh_tensorflow's unordered
-  update ops then race the backward pass and the step-1 Adafactor statistics already differ. It
-  fails with upstream's seeding of mtf random ops (st_moe.determinism.seeded_random_ops=False):
-  the random second-expert policy then draws other numbers in each process. At its default
-  threshold 0.2 an untrained 4-expert router's second gate (~0.25) is always kept, and the draws do
-  not matter for the first steps; at threshold 1.0 every second choice is a draw.
+  It fails with upstream's seeding of mtf random ops (st_moe.determinism.seeded_random_ops=False;
+  checked with 2 + 2 layers, 2026-12-05): the random second-expert policy then draws other numbers
+  in each process. With reference variables (ST_MOE_REF_VARIABLES=1) mesh_tensorflow's unordered
+  update ops race the backward pass, and on an AVX-512 machine the step-1 Adafactor statistics
+  already differed; on the 2-core AVX2 machine of 2026-12-05 the race did not show (it passed with
+  them, with 4 + 4 layers and with 2 + 2), so this test cannot be relied on to catch it. At its
+  default threshold 0.2 an untrained 4-expert router's second gate (~0.25) is always kept, and the
+  draws do not matter for the first steps; at threshold 1.0 every second choice is a draw.
   """
-  GIN = ("st_moe.SparseFFN.second_threshold_train = 1.0",)
+  GIN = ("st_moe.SparseFFN.second_threshold_train = 1.0", *LAYERS)
 
   def test_two_runs_of_one_seed_are_identical(self):
     import tensorflow.compat.v1 as tf  # pylint: disable=g-import-not-at-top
@@ -403,17 +411,18 @@ class ResumedRunTest(absltest.TestCase):
 
   Without utils.run.skip_seen_data (jobs.train binds it) the resumed process reads the seeded data
   order from its first batch again: its step 3 sees step 1's batch. Measured on this dense tiny
-  model (4 sequences of 32 + 8 tokens, learning rate 0.01): the resumed run's losses at steps 3
-  and 4 were then 7.5831 and 7.4674 against the uninterrupted run's 7.6422 and 7.6392 (0.059 and
-  0.17 apart); with it, 7.64230 and 7.63922 (9e-5 and 6e-5 apart). Not bit-identical: t5's
-  checkpoints store the weights in bfloat16 (utils.get_variable_dtype's master_dtype) and the
-  uninterrupted run goes on from its float32 copies, so the resumed run starts from weights rounded
-  to bfloat16; 1e-3 separates the two cases by a factor of 50 or more."""
+  model (2 + 2 layers, 4 sequences of 32 + 8 tokens, learning rate 0.01; 2026-12-05): the resumed
+  run's losses at steps 3 and 4 were then 7.4785 and 7.4872 against the uninterrupted run's 7.6953
+  and 7.6351 (0.22 and 0.15 apart); with it, 7.69506 and 7.63476 (2.7e-4 and 3.8e-4 apart). Not
+  bit-identical: t5's checkpoints store the weights in bfloat16 (utils.get_variable_dtype's
+  master_dtype) and the uninterrupted run goes on from its float32 copies, so the resumed run
+  starts from weights rounded to bfloat16. The tolerance, 5e-3, is 13x the difference with it and
+  1/30 of the one without."""
 
   def test_resumed_run_reads_on_where_it_stopped(self):
     out = tempfile.mkdtemp(prefix="resumed_run_test_")
     self.addCleanup(shutil.rmtree, out, ignore_errors=True)
-    settings = dict(SMALL, checkpoint_every=2, gin_params=(CALM,))
+    settings = dict(SMALL, checkpoint_every=2, gin_params=(CALM, *LAYERS))
     straight = common.Config(out=os.path.join(out, "straight"), **dict(settings, steps=4))
     stopped = common.Config(out=os.path.join(out, "resumed"), **dict(settings, steps=2))
     resumed = common.Config(out=stopped.out, **dict(settings, steps=4))
@@ -435,7 +444,7 @@ class ResumedRunTest(absltest.TestCase):
     self.assertEqual(steps, [1, 2, 3, 4])
     self.assertEqual(resumed_steps, [1, 2, 3, 4])
     self.assertEqual(straight_losses[:2], resumed_losses[:2])  # one process each: identical
-    np.testing.assert_allclose(resumed_losses[2:], straight_losses[2:], rtol=0, atol=1e-3)
+    np.testing.assert_allclose(resumed_losses[2:], straight_losses[2:], rtol=0, atol=5e-3)
 
 
 class SeedingAndNormTest(absltest.TestCase):
