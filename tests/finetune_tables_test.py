@@ -6,9 +6,9 @@ updated" row trains (checked against names spelled out here), the paper's Figure
 
 TablesTest runs each table through the real tool: it pretrains st_moe_tiny (with 2 + 2 layers,
 entry_point.TWO_LAYERS) for 2 steps, fine-tunes it for 2 steps in two rows of finetune_protocol
-(slots kept and reset, side by side) and one row of each other table (finetune_aux: train CF 0.75, no balance loss; finetune_params: MoE only;
-finetune_dropout: no dropout), decodes each checkpoint, then reruns finetune_protocol to check
-that nothing is trained or decoded twice.
+(slots kept and reset, side by side) and one row of each other table (finetune_aux: train CF
+0.75, no balance loss; finetune_params: MoE only; finetune_dropout: no dropout), decodes each
+checkpoint, then reruns finetune_protocol to check that nothing is trained or decoded twice.
 """
 import csv
 import os
