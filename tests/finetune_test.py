@@ -1,9 +1,9 @@
 """Fine-tuning and evaluation by decoding through the real entry point, `t5_mesh_transformer`.
 
-setUpClass pretrains st_moe_tiny for 2 steps (pretrain_c4.gin on the span-corruption task of
-tests/testing_tasks.py), then fine-tunes that checkpoint with finetune.gin for 3 steps on the
-reverse-a-word task, once per `utils.run.variable_filter` (None, %FREEZE_MOE, %ONLY_MOE), the three
-in parallel; then evaluates the unfiltered fine-tune with eval.gin twice, in parallel, into two
+setUpClass pretrains st_moe_tiny (2 + 2 layers) for 2 steps (pretrain_c4.gin on the
+span-corruption task of tests/testing_tasks.py), then fine-tunes that checkpoint with finetune.gin
+for 3 steps on the reverse-a-word task, once per `utils.run.variable_filter` (None, %FREEZE_MOE,
+%ONLY_MOE), the three in parallel; then evaluates the unfiltered fine-tune with eval.gin twice, in parallel, into two
 summary folders. The tests read what the runs wrote:
 
   * the checkpoints (tf.train.load_checkpoint): a variable is frozen exactly when the filter
@@ -13,7 +13,7 @@ summary folders. The tests read what the runs wrote:
     equals the exact-match rate of its predictions against its targets, on the validation split,
     and the two evaluations of the same checkpoint agree to the last bit.
 
-Each t5_mesh_transformer process spends ~40 s starting; five of them run two at a time or more.
+Each t5_mesh_transformer process spends ~25 s starting; five of them run two at a time or more.
 """
 import glob
 import os
@@ -35,11 +35,13 @@ TIMEOUT = 1800  # per process; a loaded 2-core machine needs it
 PRETRAIN_STEPS, FINETUNE_STEPS = 2, 3
 FILTERS = {"none": "None", "freeze_moe": "%FREEZE_MOE", "only_moe": "%ONLY_MOE"}
 TASK = testing_tasks.REVERSE_TASK_NAME
-COMMON = ["--module_import=testing_tasks", "--gin_file=st_moe_tiny.gin", "--gin_file=cpu.gin"]
-
-
 def _params(*params):
   return [f"--gin_param={p}" for p in params]
+
+
+# st_moe_tiny with 2 + 2 layers (entry_point.TWO_LAYERS): a dense and a sparse layer per stack.
+COMMON = ["--module_import=testing_tasks", "--gin_file=st_moe_tiny.gin", "--gin_file=cpu.gin",
+          *_params(*entry_point.TWO_LAYERS)]
 
 
 _env = entry_point.env

@@ -6,7 +6,7 @@ with the older `--module_import=st_moe` resumes from that checkpoint; a layout w
 does not divide the experts fails naming the dimension.
 
 Data: the in-memory SeqIO task of tests/testing_tasks.py (Python's own pydoc text, byte vocabulary,
-span corruption), imported with --module_import=testing_tasks. Each process spends ~40 s starting.
+span corruption), imported with --module_import=testing_tasks. Each process spends ~25 s starting.
 """
 import os
 import re
@@ -42,7 +42,7 @@ class TrainEntryPointTest(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.tmp = tempfile.mkdtemp(prefix="st_moe_entry_")
-    # Started now, read in test_wrong_layout: its ~40 s of start-up overlaps the training runs.
+    # Started now, read in test_wrong_layout: its ~25 s of start-up overlaps the training runs.
     cls.wrong_layout = subprocess.Popen(
         _command(os.path.join(cls.tmp, "wrong"), "utils.run.train_steps = 1",
                  "utils.run.mesh_shape = 'batch:3'",
