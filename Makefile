@@ -24,11 +24,15 @@ check-python:
 
 # The venv is rebuilt from scratch when requirements.lock changes, and the project re-installed
 # (editable: the package maps tasks/ to st_moe.tasks) when setup.py changes.
+# pip byte-compiles what it installs one file at a time; compileall writes the same .pyc files on
+# every core (2 cores: install 1.8 + compile 1.2 min instead of 3.7 min). Python 2 files some
+# packages ship do not compile, under pip as here: compileall's listing and status are not read.
 $(VENV)/.lock-installed: requirements.lock | check-python
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	set -o pipefail; $(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock 2>&1 \
+	set -o pipefail; $(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-compile -r requirements.lock 2>&1 \
 	  | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
+	$(PY) -m compileall -q -j 0 $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') >/dev/null 2>&1 || true
 	touch $@
 
 $(VENV)/.project-installed: $(VENV)/.lock-installed setup.py pyproject.toml

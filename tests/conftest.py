@@ -17,11 +17,13 @@ from st_moe import cpu_startup
 os.environ.setdefault(cpu_startup.META_OPTIMIZER_ENV, "0")
 
 SLOWEST_FIRST = (
-    "demo_test.py",
     "reproduce_test.py",
+    "finetune_tables_test.py",
+    "demo_test.py",
     "finetune_test.py",
     "upcycle_test.py",
     "runner_test.py",
+    "decoding_test.py",
     "demo_diverged_test.py",
 )
 

@@ -4,7 +4,7 @@ step's reads of the global step run before its increment.
 The step graph is mesh_tensorflow's training step in miniature: Adafactor's decay rate
 1 - (step + 1)^-0.8 read from the step, an update that uses it, and `tf.assign_add(step, 1)` in
 one `tf.group`, with nothing ordering the read and the increment. Two whole trainings of one seed
-ending bit-identical: SameSeedSameRunTest in tests/reproduce_test.py.
+ending bit-identical: ResumedRunTest in tests/reproduce_test.py.
 """
 import collections
 import json
