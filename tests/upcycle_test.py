@@ -2,7 +2,7 @@
 
 End to end: a tiny dense T5.1.1 (gin/models/t5_1_1_tiny.gin: t5's structure and checkpoint names)
 trains 2 steps through t5_mesh_transformer on the byte task of tests/testing_tasks.py; the tool
-upcycles it to st_moe_tiny.gin (same sizes); then
+upcycles it to st_moe_tiny.gin (same sizes; both with 2 + 2 layers, LAYERS); then
   * with identical experts, renormalised gates, the second expert always kept and a capacity of
     every token (nothing dropped), the upcycled model's logits equal the dense model's on the same
     batch (both computed in-process from the two checkpoints); with a capacity that drops tokens
@@ -13,7 +13,7 @@ upcycles it to st_moe_tiny.gin (same sizes); then
     through t5_mesh_transformer, starting from the upcycled values.
 The name mapping and the slot tiling are also checked on hand-written variable lists whose
 expected results are written out by hand (T5.1.1-Large sizes for the factored Adafactor slots).
-Each t5_mesh_transformer process spends ~40 s starting.
+Each t5_mesh_transformer process spends ~25 s starting.
 """
 import json
 import os
@@ -46,6 +46,9 @@ FLOAT32 = ['utils.get_variable_dtype.activation_dtype = "float32"']
 # buffer of every token of its group (C = S when capacity_factor = num_experts = 4).
 NOTHING_DROPPED = ["st_moe.SparseFFN.renormalize_gates = True",
                    "st_moe.SparseFFN.second_policy_eval = 'all'", "capacity_factor_eval = 4.0"]
+# The end-to-end models have 2 + 2 layers (tests/entry_point.py): block 1 of each stack is the
+# sparse one, upcycled from the dense model's block 1.
+LAYERS = list(entry_point.TWO_LAYERS)
 
 
 _env = entry_point.env
@@ -59,13 +62,13 @@ def _t5_command(model_dir, model_gin, run_gin, *gin_params):
           "--gin_param=utils.run.sequence_length = {'inputs': 64, 'targets': 16}",
           "--gin_param=utils.run.batch_size = ('sequences_per_batch', 4)",
           "--gin_param=utils.run.iterations_per_loop = 2",
-          *[f"--gin_param={p}" for p in gin_params]]
+          *[f"--gin_param={p}" for p in (*LAYERS, *gin_params)]]
 
 
 def _upcycle_command(dense, out, *gin_params):
   return [sys.executable, os.path.join(REPO, "tools", "upcycle.py"), f"--dense_checkpoint={dense}",
           "--gin_file=st_moe_tiny.gin", "--gin_file=cpu.gin", f"--out={out}",
-          f"--vocab_size={VOCAB_SIZE}", *[f"--gin_param={p}" for p in gin_params]]
+          f"--vocab_size={VOCAB_SIZE}", *[f"--gin_param={p}" for p in (*LAYERS, *gin_params)]]
 
 
 def _run(command, cwd):
@@ -152,15 +155,17 @@ class UpcycleEndToEndTest(absltest.TestCase):
     rng = np.random.default_rng(0)
     inputs = rng.integers(3, 259, (4, 16)).astype(np.int32)  # byte ids, no padding
     targets = rng.integers(3, 259, (4, 8)).astype(np.int32)
-    dense = logits(["t5_1_1_tiny.gin", "cpu.gin"], [], self.dense, inputs, targets)
-    sparse = logits(["st_moe_tiny.gin", "cpu.gin"], NOTHING_DROPPED, self.up, inputs, targets)
+    dense = logits(["t5_1_1_tiny.gin", "cpu.gin"], LAYERS, self.dense, inputs, targets)
+    sparse = logits(["st_moe_tiny.gin", "cpu.gin"], LAYERS + NOTHING_DROPPED, self.up, inputs,
+                    targets)
     self.assertEqual(dense.shape, (4, 8, 384))
     self.assertGreater(np.abs(dense).max(), 0.5)  # not trivially zero
     np.testing.assert_allclose(sparse, dense, rtol=0, atol=1e-5)
     # Control: expert buffers of C = max(int(64 * 0.5 / 4), 4) = 8 slots for 64 tokens x 2
     # choices drop tokens, and a dropped token's FFN output is missing: the logits move.
     dropping = logits(["st_moe_tiny.gin", "cpu.gin"],
-                      NOTHING_DROPPED + ["capacity_factor_eval = 0.5"], self.up, inputs, targets)
+                      LAYERS + NOTHING_DROPPED + ["capacity_factor_eval = 0.5"], self.up, inputs,
+                      targets)
     self.assertGreater(np.abs(dropping - dense).max(), 1e-3)
 
   def test_checkpoint_holds_copies_tiled_experts_a_fresh_router_and_a_zero_extra_output(self):
@@ -183,10 +188,10 @@ class UpcycleEndToEndTest(absltest.TestCase):
     router = _read(self.up, f"{sparse}SparseFFN/router/kernel")
     self.assertEqual(router.shape, (32, 4))
     self.assertBetween(float(router.std()), 0.014, 0.026)  # normal(0, 2e-2), 128 draws
-    # Renamed, not renumbered: the decoder's encoder-decoder attention of block 3.
+    # Renamed, not renumbered: the decoder's encoder-decoder attention of block 1.
     np.testing.assert_array_equal(
-        _read(self.up, "decoder/block_003/enc_dec_attention/EncDecAttention/k"),
-        _read(self.dense, "decoder/block_003/layer_001/EncDecAttention/k"))
+        _read(self.up, "decoder/block_001/enc_dec_attention/EncDecAttention/k"),
+        _read(self.dense, "decoder/block_001/layer_001/EncDecAttention/k"))
     np.testing.assert_array_equal(
         _read(self.up, "decoder/block_000/self_attention/SelfAttention/relative_attention_bias"),
         _read(self.dense, "decoder/block_000/layer_000/SelfAttention/relative_attention_bias"))
@@ -219,14 +224,14 @@ class UpcycleEndToEndTest(absltest.TestCase):
          "encoder/block_000/self_attention/SelfAttention/relative_attention_bias [4, 32] from "
          "encoder/block_000/layer_000/SelfAttention/relative_attention_bias [2, 32]"),
         (["num_layers = 6", "num_sparse_layers = 3"], VOCAB_SIZE,
-         "the dense checkpoint has 4 blocks (decoder/block_NNN), the sparse model 6"),
+         "the dense checkpoint has 2 blocks (decoder/block_NNN), the sparse model 6"),
         ([], 32100, "shared/embedding [32128, 32] from shared/embedding [384, 32]"),
     ]
     for params, vocab_size, message in cases:
       with self.subTest(params=params, vocab_size=vocab_size):
         with self.assertRaisesRegex(upcycling.UpcycleError, re.escape(message)):
-          upcycling.upcycle(self.dense, ["st_moe_tiny.gin", "cpu.gin"], out, gin_params=params,
-                            vocab_size=vocab_size)
+          upcycling.upcycle(self.dense, ["st_moe_tiny.gin", "cpu.gin"], out,
+                            gin_params=LAYERS + params, vocab_size=vocab_size)
         self.assertFalse(os.path.exists(out))
 
   def test_finetune_from_the_upcycled_checkpoint_runs_through_t5_mesh_transformer(self):
@@ -245,7 +250,7 @@ class UpcycleEndToEndTest(absltest.TestCase):
     # multiply_by_parameter_scale) move each tensor a little; a fresh initialisation would be
     # unrelated (relative distance ~1.4).
     for name in ("shared/embedding", "encoder/block_001/sparse_ffn/SparseFFN/router/kernel",
-                 "decoder/block_003/sparse_ffn/SparseFFN/wi_0/kernel"):
+                 "decoder/block_001/sparse_ffn/SparseFFN/wi_0/kernel"):
       start, end = _read(self.up, name), _read(final, name)
       distance = np.linalg.norm(end - start) / np.linalg.norm(start)
       self.assertLess(distance, 0.05, name)
