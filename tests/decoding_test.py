@@ -1,9 +1,9 @@
 """Decoding a trained tiny ST-MoE: every incremental step's logits equal the full-sequence pass.
 
-A tiny st_moe_tiny.gin model (4 experts, top-2, sparse layers in encoder and decoder) is trained
-in-process for a few dozen Adafactor steps on a reverse-the-tokens task, with the training
-settings (random second-expert policy, capacity factor 1.25). Its weights are then loaded into
-an evaluation graph that
+A tiny st_moe_tiny.gin model (2 + 2 layers, 4 experts, top-2, a sparse layer in encoder and
+decoder) is trained in-process for a few dozen Adafactor steps on a reverse-the-tokens task, with
+the training settings (random second-expert policy, capacity factor 1.25). Its weights are then
+loaded into an evaluation graph that
 
   * decodes greedily with mesh_tensorflow's own `Bitransformer.decode` (a while loop in which
     `SparseFFN` routes one position of every sequence per step);
@@ -22,6 +22,7 @@ with the random policy (so the check can fail).
 import types
 
 from absl.testing import absltest
+import entry_point
 import gin
 import mesh_tensorflow as mtf
 from mesh_tensorflow.transformer import transformer
@@ -62,8 +63,9 @@ def copy_task_batch(rng, batch=BATCH):
 
 
 def parse(*gin_params):
+  # 2 + 2 layers (tests/entry_point.py): one dense and one sparse layer in each stack.
   model_graph.parse_gin(["st_moe_tiny.gin", "cpu.gin"],
-                        ["dropout_rate = 0.0", *gin_params])
+                        ["dropout_rate = 0.0", *entry_point.TWO_LAYERS, *gin_params])
 
 
 def build_model():
@@ -232,9 +234,9 @@ class DecodingTest(absltest.TestCase):
     # Nothing dropped anywhere: the incremental steps (default capacity_factor_decode), the
     # encoder and the teacher-forced pass (capacity_factor_eval = E).
     dropped = {k: v for k, v in out.items() if k.startswith("dropped/")}
-    # Sparse layers: 2 in the encoder, 2 in the decoder; the unrolled decode calls the encoder
+    # Sparse layers: 1 in the encoder, 1 in the decoder; the unrolled decode calls the encoder
     # once, the decoder once for the first part and once per step; then the teacher-forced pass.
-    self.assertLen(dropped, 2 + 2 * (1 + LENGTH) + 4)
+    self.assertLen(dropped, 1 + 1 * (1 + LENGTH) + 2)
     self.assertEqual(max(dropped.values()), 0.0)
     for p in range(LENGTH):
       np.testing.assert_allclose(out[f"step/{p}"], out["full"][:, p], rtol=0, atol=2e-4,
