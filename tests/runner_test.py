@@ -264,8 +264,9 @@ class RealRunTest(absltest.TestCase):
   def test_learning_rate_1000_is_stopped_and_named(self):
     # The case of the issue "No silent failure", with the demo's task and shape: at a learning
     # rate of 1000 the tiny ST-MoE froze (the same loss from step 3 on, 67% of the tokens
-    # dropped, every token to one expert) and passed as "ok". Measured here: 7.0695, 1.9e8,
-    # then 7.0142 at every step from step 3, 67.1% dropped; stopped as FROZEN at step 8.
+    # dropped, every token to one expert) and passed as "ok". Measured here with 2 + 2 layers
+    # (2026-12-05): 7.0205, 9.0e7, then 6.9922 at every step from step 3, 67.1% dropped; stopped
+    # as FROZEN at step 8 (with 4 + 4: 7.0695, 1.9e8, then 7.0142; the same stop).
     # (At batch 4 x (64 + 16) on the byte task the same learning rate gives a NaN at step 4,
     # which the NaN rule names "diverged".)
     with tempfile.TemporaryDirectory() as d:
@@ -278,7 +279,8 @@ class RealRunTest(absltest.TestCase):
                     "utils.run.iterations_per_loop = 60",
                     "utils.run.learning_rate_schedule = "
                     "@learning_rate_schedules.constant_learning_rate",
-                    "learning_rate_schedules.constant_learning_rate.learning_rate = 1000.0"],
+                    "learning_rate_schedules.constant_learning_rate.learning_rate = 1000.0",
+                    *entry_point.TWO_LAYERS],
           tokens_per_step=16 * 160, label="lr1000", every=1, show=shown.append, timeout=1800,
           monitor=divergence.DivergenceMonitor())
       print("\n".join(shown))
