@@ -62,7 +62,7 @@ def use_resource_variables():
   still being computed can see weights another update has already written, and two runs of the
   same seed on the CPU differ from the first update on (their step-1 Adafactor statistics differed
   by up to 3.5x here). Resource variables read a consistent snapshot: two runs of one seed are then
-  bit-identical (SameSeedSameRunTest in tests/reproduce_test.py), once `st_moe.determinism` also
+  bit-identical (ResumedRunTest in tests/reproduce_test.py), once `st_moe.determinism` also
   seeds mesh_tensorflow's random ops the same way in every process.
   """
   if os.environ.get(REF_VARIABLES_ENV) == "1":
