@@ -27,9 +27,9 @@ def env():
 TWO_LAYERS = ("num_layers = 2", "num_sparse_layers = 1")
 
 
-def tiny_command(model_dir, *gin_params, module_imports=("testing_tasks",), layers=TWO_LAYERS):
-  """t5_mesh_transformer on st_moe_tiny + cpu + pretrain_c4 and the tests' byte task (2 + 2 layers
-  unless `layers=()`)."""
+def tiny_command(model_dir, *gin_params, module_imports=("testing_tasks",)):
+  """t5_mesh_transformer on st_moe_tiny (2 + 2 layers) + cpu + pretrain_c4 and the tests' byte
+  task."""
   return [ENTRY_POINT, *[f"--module_import={m}" for m in module_imports],
           f"--model_dir={model_dir}",
           "--gin_file=st_moe_tiny.gin", "--gin_file=cpu.gin", "--gin_file=pretrain_c4.gin",
@@ -38,7 +38,7 @@ def tiny_command(model_dir, *gin_params, module_imports=("testing_tasks",), laye
           "--gin_param=utils.run.batch_size = ('sequences_per_batch', 4)",
           "--gin_param=utils.run.save_checkpoints_steps = 2",
           "--gin_param=utils.run.iterations_per_loop = 2",
-          *[f"--gin_param={p}" for p in (*layers, *gin_params)]]
+          *[f"--gin_param={p}" for p in (*TWO_LAYERS, *gin_params)]]
 
 
 def read_eval_lines(path):

@@ -1,10 +1,10 @@
 """Fine-tuning and evaluation by decoding through the real entry point, `t5_mesh_transformer`.
 
-setUpClass pretrains st_moe_tiny (2 + 2 layers) for 2 steps (pretrain_c4.gin on the
-span-corruption task of tests/testing_tasks.py), then fine-tunes that checkpoint with finetune.gin
-for 3 steps on the reverse-a-word task, once per `utils.run.variable_filter` (None, %FREEZE_MOE,
-%ONLY_MOE), the three in parallel; then evaluates the unfiltered fine-tune with eval.gin twice, in parallel, into two
-summary folders. The tests read what the runs wrote:
+setUpClass pretrains st_moe_tiny (2 + 2 layers) for 2 steps (pretrain_c4.gin on the span-corruption
+task of tests/testing_tasks.py), then fine-tunes that checkpoint with finetune.gin for 3 steps on
+the reverse-a-word task, once per `utils.run.variable_filter` (None, %FREEZE_MOE, %ONLY_MOE), the
+three in parallel; then evaluates the unfiltered fine-tune with eval.gin twice, in parallel, into
+two summary folders. The tests read what the runs wrote:
 
   * the checkpoints (tf.train.load_checkpoint): a variable is frozen exactly when the filter
     excludes it. The expectation is spelled out here from the layer names (sparse layers live
