@@ -2,8 +2,8 @@
 evaluation, routing trace, fine-tuning and decoding, report; and a third run that skips it all.
 (A demo whose model diverges: tests/demo_diverged_test.py, so the two files run side by side.)
 
-One demo run is shared by the tests of DemoTest: 8 steps of st_moe_tiny and dense_tiny (2 + 2
-layers each, entry_point.TWO_LAYERS) through t5_mesh_transformer, checkpoints every 2 steps,
+One demo run is shared by the tests of DemoTest: 8 steps of st_moe_tiny and dense_tiny (1 + 1
+layers each, entry_point.ONE_LAYER) through t5_mesh_transformer, checkpoints every 2 steps,
 evaluation, routing trace, 2 fine-tuning steps each, decoding, report. It is first killed by its
 PID (SIGTERM) once st_moe_tiny has its checkpoint at step 2, then rerun: the rerun resumes
 st_moe_tiny from that checkpoint and does the rest, so the finished demo's curve of 1..8 is also
@@ -56,7 +56,7 @@ def demo_cmd(out, models=("st_moe_tiny", "dense_tiny"), gin_params=(), finetune=
            f"--targets_length={LENGTHS['targets']}", f"--trace_tokens={TRACE_TOKENS}",
            f"--capacity_factor_eval={CF_EVAL}", f"--models={','.join(models)}"]
           + finetune_flags
-          + [f"--gin_param={p}" for p in (*entry_point.TWO_LAYERS, *gin_params)])
+          + [f"--gin_param={p}" for p in (*entry_point.ONE_LAYER, *gin_params)])
 
 
 def run_demo(out, **kwargs):
@@ -220,7 +220,7 @@ class DemoTest(absltest.TestCase):
   def test_trace_at_the_eval_capacity_factor(self):
     with open(os.path.join(self.out, "routing", "routing.json")) as f:
       layers = json.load(f)
-    self.assertLen(layers, 2)  # 2 + 2 layers: 1 sparse layer in each of encoder and decoder
+    self.assertLen(layers, 2)  # 1 + 1 layers: 1 sparse layer in each of encoder and decoder
     self.assertEqual([l["stack"] for l in layers], ["encoder", "decoder"])
     for layer in layers:
       e = layer["num_experts"]

@@ -4,11 +4,13 @@ BookkeepingTest needs no training: run names, batch sizes, which variables each 
 updated" row trains (checked against names spelled out here), the paper's Figure 6 averages
 (recomputed from Table 20 against the bars in ST_MOE_TABLES.md) and the direction verdicts.
 
-TablesTest runs each table through the real tool: it pretrains st_moe_tiny (with 2 + 2 layers,
-entry_point.TWO_LAYERS) for 2 steps, fine-tunes it for 2 steps in two rows of finetune_protocol
+TablesTest runs each table through the real tool: it pretrains st_moe_tiny (with 1 + 1 layers,
+entry_point.ONE_LAYER) for 2 steps, fine-tunes it for 2 steps in two rows of finetune_protocol
 (slots kept and reset, side by side) and one row of each other table (finetune_aux: train CF
-0.75, no balance loss; finetune_params: MoE only; finetune_dropout: no dropout), decodes each
-checkpoint, then reruns finetune_protocol to check that nothing is trained or decoded twice.
+0.75, no balance loss; finetune_params: MoE only; finetune_dropout: dropout and expert dropout
+0.1, which is finetune_protocol's kept row, so it trains nothing anew), decodes each checkpoint,
+then reruns finetune_protocol to check that nothing is trained or decoded twice. Which bindings a
+dropout row passes is checked without training (BookkeepingTest).
 """
 import csv
 import os
@@ -35,7 +37,7 @@ KEPT = "sparse / 0.001 / 262k / 1 x 136 / kept"
 RESET = "sparse / 0.001 / 262k / 1 x 136 / reset"
 AUX_ROW = "0.75 / 2 / no"
 PARAMS_ROW = "MoE only / /sparse_ffn/"
-DROPOUT_ROW = "sparse / 0 / 0"
+DROPOUT_ROW = "sparse / 0.1 / 0.1"
 
 
 class BookkeepingTest(absltest.TestCase):
@@ -87,6 +89,17 @@ class BookkeepingTest(absltest.TestCase):
       got = {u for u, regex in finetune.UPDATES.items()
              if regex is not None and re.search(regex, name)}
       self.assertEqual(got, want, name)
+
+  def test_dropout_rows_bind_both_rates_for_training_only(self):
+    config = common.config_for("finetune_dropout", "tiny")
+    train, decode = finetune.make_job(config, finetune.Cell(dropout=0.0, expert_dropout=0.3), 0)
+    self.assertEqual(train.name, "ft_sparse_drop0_edrop0.3_seed0")
+    self.assertIn("dropout_rate = 0", train.gin_params)
+    self.assertIn("expert_dropout_rate = 0.3", train.gin_params)
+    self.assertEqual([p for p in decode.gin_params if "dropout" in p], [])
+    dense, _ = finetune.make_job(config, finetune.Cell(model="dense", dropout=0.2), 0)
+    self.assertIn("dropout_rate = 0.2", dense.gin_params)
+    self.assertEqual([p for p in dense.gin_params if "expert_dropout" in p], [])
 
   def test_optimizer_slots_are_left_out_and_weights_kept(self):
     from st_moe.experiments import checkpoints  # pylint: disable=g-import-not-at-top
@@ -170,7 +183,7 @@ class BookkeepingTest(absltest.TestCase):
 def _tool(out, table, rows):
   flags = [f"--{k}={v}" for k, v in PRETRAIN.items()] + [
       f"--finetune_steps={FINETUNE_STEPS}", "--finetune_checkpoints=2", "--jobs=2"] + [
-      f"--gin_param={p}" for p in entry_point.TWO_LAYERS]
+      f"--gin_param={p}" for p in entry_point.ONE_LAYER]
   return subprocess.run(
       [sys.executable, os.path.join(REPO, "tools", "reproduce.py"), table, f"--out={out}"]
       + flags + [f"--rows={r}" for r in rows], capture_output=True, text=True, timeout=1500)
@@ -252,7 +265,7 @@ class TablesTest(absltest.TestCase):
       section = text.split("Variables in graph but not in", 1)[1].split("WARNING", 1)[0]
       missing[run] = set(re.findall(r"[\w/]+_slot_\w+", section))
     self.assertEqual(missing["ft_sparse_seed0"], set())
-    self.assertIn("encoder/block_001/sparse_ffn/SparseFFN/router/kernel_slot_v",
+    self.assertIn("encoder/block_000/sparse_ffn/SparseFFN/router/kernel_slot_v",
                   missing["ft_sparse_reset1_seed0"])
 
   def test_aux_table_reports_tokens_dropped(self):
@@ -281,19 +294,22 @@ class TablesTest(absltest.TestCase):
     changed = {n for n in before.get_variable_to_shape_map()
                if "_slot_" not in n and n != "global_step"
                and not np.array_equal(before.get_tensor(n), after.get_tensor(n))}
-    self.assertIn("encoder/block_001/sparse_ffn/SparseFFN/router/kernel", changed)
-    self.assertIn("decoder/block_001/sparse_ffn/SparseFFN/wo/kernel", changed)
+    self.assertIn("encoder/block_000/sparse_ffn/SparseFFN/router/kernel", changed)
+    self.assertIn("decoder/block_000/sparse_ffn/SparseFFN/wo/kernel", changed)
     self.assertEqual({n for n in changed if "/sparse_ffn/" not in n}, set())
 
-  def test_dropout_row(self):
+  def test_dropout_row_is_the_protocol_run(self):
     self._ok(self.dropout)
     header, row = self._csv("finetune_dropout")
-    self.assertEqual(row[:3], ["sparse", "0", "0"])
+    self.assertEqual(row[:3], ["sparse", "0.1", "0.1"])
     self.assertBetween(float(dict(zip(header, row))["peak score (ours)"]), 0.0, 100.0)
+    self.assertIn("[ft_sparse_seed0] already trained", self.dropout.stdout)
+    self.assertNotIn("training steps", self.dropout.stdout)
     with open(os.path.join(self.out, "finetune_dropout", "finetune_dropout_commands.md")) as f:
-      commands = f.read()
-    self.assertIn("dropout_rate = 0'", commands.replace('"', "'"))
-    self.assertIn("expert_dropout_rate = 0'", commands.replace('"', "'"))
+      commands = f.read().replace('"', "'")
+    self.assertIn("## ft_sparse_seed0", commands)
+    self.assertIn("dropout_rate = 0.1'", commands)
+    self.assertIn("expert_dropout_rate = 0.1'", commands)
 
   def test_rerun_trains_and_decodes_nothing_again(self):
     self._ok(self.again)

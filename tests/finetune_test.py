@@ -1,6 +1,6 @@
 """Fine-tuning and evaluation by decoding through the real entry point, `t5_mesh_transformer`.
 
-setUpClass pretrains st_moe_tiny (2 + 2 layers) for 2 steps (pretrain_c4.gin on the span-corruption
+setUpClass pretrains st_moe_tiny (1 + 1 layers) for 2 steps (pretrain_c4.gin on the span-corruption
 task of tests/testing_tasks.py), then fine-tunes that checkpoint with finetune.gin for 3 steps on
 the reverse-a-word task, once per `utils.run.variable_filter` (None, %FREEZE_MOE, %ONLY_MOE), the
 three in parallel; then evaluates the unfiltered fine-tune with eval.gin twice, in parallel, into
@@ -39,9 +39,9 @@ def _params(*params):
   return [f"--gin_param={p}" for p in params]
 
 
-# st_moe_tiny with 2 + 2 layers (entry_point.TWO_LAYERS): a dense and a sparse layer per stack.
+# st_moe_tiny with 1 + 1 layers (entry_point.ONE_LAYER): one sparse layer per stack.
 COMMON = ["--module_import=testing_tasks", "--gin_file=st_moe_tiny.gin", "--gin_file=cpu.gin",
-          *_params(*entry_point.TWO_LAYERS)]
+          *_params(*entry_point.ONE_LAYER)]
 
 
 _env = entry_point.env

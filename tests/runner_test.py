@@ -194,7 +194,7 @@ TINY = ["dataset.gin", "st_moe_tiny.gin", "cpu.gin"]
 TINY_PARAMS = ["MIXTURE_NAME = 'st_moe_test_bytes_span_corruption'",
                "utils.run.batch_size = ('sequences_per_batch', 4)",
                "utils.run.sequence_length = {'inputs': 64, 'targets': 16}",
-               *entry_point.TWO_LAYERS]
+               *entry_point.ONE_LAYER]
 
 
 class RealRunTest(absltest.TestCase):
@@ -225,8 +225,8 @@ class RealRunTest(absltest.TestCase):
       reader = events.EventReader(d)
       reader.poll()
       layers = events.router_layers(reader.scalars)
-      # st_moe_tiny with 2 + 2 layers: layer 2 of each stack is sparse (block 001).
-      self.assertEqual(sorted(layers), [f"{s}/block_001/sparse_ffn/SparseFFN"
+      # st_moe_tiny with 1 + 1 layers: the one layer of each stack is sparse (block 000).
+      self.assertEqual(sorted(layers), [f"{s}/block_000/sparse_ffn/SparseFFN"
                                         for s in ("decoder", "encoder")])
       for scope, metrics in layers.items():
         fractions = sorted(k for k in metrics if k.startswith("expert_fraction/"))

@@ -2,7 +2,7 @@
 operative_config.gin, exactly --num_tokens encoder tokens are traced, and tracing twice gives the
 same routing.json.
 
-The checkpoint is st_moe_tiny with 2 + 2 layers (random weights, no training: routing is what is
+The checkpoint is st_moe_tiny with 1 + 1 layers (random weights, no training: routing is what is
 traced, not quality) at the embedded task's vocabulary, saved in-process; operative_config.gin is
 gin's operative config of that build plus the utils.run.sequence_length binding a
 t5_mesh_transformer run records. The tool runs as a subprocess from another folder (the installed package, no
@@ -31,14 +31,14 @@ TASK = "st_moe_embedded_span_corruption"
 
 
 def save_tiny_checkpoint(model_dir):
-  """st_moe_tiny (2 + 2 layers) with random weights saved as model.ckpt-0, and its
+  """st_moe_tiny (1 + 1 layers) with random weights saved as model.ckpt-0, and its
   operative_config.gin."""
   import mesh_tensorflow as mtf  # pylint: disable=g-import-not-at-top
   from mesh_tensorflow.transformer import utils as mtf_utils  # pylint: disable=g-import-not-at-top
   import seqio  # pylint: disable=g-import-not-at-top
   import tensorflow.compat.v1 as tf  # pylint: disable=g-import-not-at-top
   from st_moe.analysis import model_graph  # pylint: disable=g-import-not-at-top
-  model_graph.parse_gin(["st_moe_tiny.gin", "cpu.gin"], list(entry_point.TWO_LAYERS))
+  model_graph.parse_gin(["st_moe_tiny.gin", "cpu.gin"], list(entry_point.ONE_LAYER))
   vocab_size = seqio.get_mixture_or_task(TASK).output_features["inputs"].vocabulary.vocab_size
   with tf.Graph().as_default():
     mesh_shape, layout_rules = model_graph.gin_mesh_and_layout()
@@ -92,7 +92,7 @@ class TraceRoutingTest(absltest.TestCase):
   def test_config_from_model_dir_token_budget_and_same_result_twice(self):
     first = self.trace(os.path.join(self.tmp, "a"))
     second = self.trace(os.path.join(self.tmp, "b"))
-    # 2 layers per stack, every 2nd sparse -> 1 encoder + 1 decoder sparse layer.
+    # 1 layer per stack, sparse -> 1 encoder + 1 decoder sparse layer.
     self.assertEqual([s["stack"] for s in first], ["encoder", "decoder"])
     for layer in first:
       self.assertEqual(layer["sequence_length"], LENGTHS, layer["name"])
