@@ -15,6 +15,7 @@ dropout row passes is checked without training (BookkeepingTest).
 import csv
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -195,6 +196,7 @@ class TablesTest(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.out = tempfile.mkdtemp(prefix="finetune_tables_test_")
+    cls.addClassCleanup(shutil.rmtree, cls.out, ignore_errors=True)  # ~20 MB a run
     cls.protocol = _tool(cls.out, "finetune_protocol", [KEPT, RESET])
     cls.aux = _tool(cls.out, "finetune_aux", [AUX_ROW])
     cls.params = _tool(cls.out, "finetune_params", [PARAMS_ROW])
