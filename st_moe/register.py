@@ -8,7 +8,9 @@ importing this module registers, once per process:
   * the gin configurables the gin files name: `st_moe.SparseFFN`, `st_moe.sparse_layer_stack`,
     `st_moe.generated_layer_stack`, `st_moe.sublayer_rms_norm_no_scale`,
     `st_moe.seeded_train_dataset_fn`, `st_moe.GuardedOptimizer` (`st_moe.guard`: skips and counts
-    training steps with a non-finite gradient or update, stops the run after K in a row);
+    training steps with a non-finite gradient or update, stops the run after K in a row),
+    `st_moe.MultiplierAdafactor` (`st_moe.optimizers`: Adafactor with per-variable learning-rate
+    multipliers, e.g. the experts' weights at a lower rate);
   * gin finalize hook `st_moe.guard.preflight`: before t5_mesh_transformer builds a graph, a batch
     size the mesh does not divide and an unreadable latest checkpoint are named with what to change;
   * the SeqIO tasks and mixtures of `st_moe.tasks`;
@@ -43,6 +45,7 @@ from st_moe import graph_files
 from st_moe import guard
 from st_moe import layers
 from st_moe import norms
+from st_moe import optimizers
 from st_moe import stacking
 from st_moe import summaries
 from st_moe.experiments import checkpoints  # @st_moe.not_optimizer_slot
