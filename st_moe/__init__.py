@@ -5,7 +5,8 @@ Importing `st_moe` does nothing but define the package: no TensorFlow, no regist
   st_moe/              the model: routing (router logits, top-k assignment, capacity), dispatch
                        (tokens to expert buffers and back), losses (balance, router z-loss), layers
                        (`SparseFFN`), stacking (dense-sparse stacks), norms, guard (the in-graph
-                       check that keeps non-finite updates out of the weights)
+                       check that keeps non-finite updates out of the weights), optimizers
+                       (Adafactor with per-variable learning-rate multipliers)
   st_moe/register.py   the one registration point (gin reader, configurables, tasks, resource
                        variables): imported by every model and run gin file
   st_moe/gin_paths.py  where the gin files are; how gin finds them by bare name
