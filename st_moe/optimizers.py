@@ -25,8 +25,8 @@ import gin
 from mesh_tensorflow import optimize
 
 
-def _compile(multipliers) -> List[Tuple[str, "re.Pattern", float]]:
-  """[(pattern, compiled, multiplier)] in the mapping's order; ValueError on a bad entry."""
+def _compile(multipliers) -> List[Tuple["re.Pattern", float]]:
+  """[(compiled pattern, multiplier)] in the mapping's order; ValueError on a bad entry."""
   setting = "st_moe.MultiplierAdafactor.learning_rate_multipliers"
   if multipliers is None:
     return []
@@ -47,7 +47,7 @@ def _compile(multipliers) -> List[Tuple[str, "re.Pattern", float]]:
       raise ValueError(f"{setting}: {pattern!r}: {multiplier!r} must be a number > 0 (1.0 keeps "
                        "the schedule's rate; 0 would freeze the variables: use "
                        "utils.run.variable_filter for that)")
-    compiled.append((pattern, regex, float(multiplier)))
+    compiled.append((regex, float(multiplier)))
   return compiled
 
 
@@ -74,7 +74,7 @@ class MultiplierAdafactor(optimize.AdafactorOptimizer):
 
   def multiplier(self, variable_name: str) -> float:
     """The multiplier of the first pattern found in `variable_name`; 1.0 when none is."""
-    for _, regex, multiplier in self._multipliers:
+    for regex, multiplier in self._multipliers:
       if regex.search(variable_name):
         return multiplier
     return 1.0
