@@ -102,6 +102,23 @@ class StatsTest(absltest.TestCase):
     expected = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
     self.assertAlmostEqual(rs.load_entropy(top1, 4), expected, places=12)
 
+  def test_top2_log_margin_is_the_gap_between_the_two_largest_logits(self):
+    # Logits (2, 1, 0) -> margin 1; a tie -> 0; a one-hot-like (ln 0.97 - ln 0.01) by hand.
+    logits = np.array([[2.0, 1.0, 0.0], [0.5, 3.0, 3.0]])
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    probs = np.concatenate([probs, [[0.97, 0.01, 0.02]]])
+    np.testing.assert_allclose(rs.top2_log_margin(probs),
+                               [1.0, 0.0, math.log(0.97) - math.log(0.02)], atol=1e-12)
+    with self.assertRaisesRegex(ValueError, "E >= 2"):
+      rs.top2_log_margin(np.ones((3, 1)))
+
+  def test_first_expert_agreement(self):
+    self.assertAlmostEqual(rs.first_expert_agreement([0, 1, 2, 3], [0, 1, 3, 2]), 0.5)
+    self.assertAlmostEqual(rs.first_expert_agreement(np.array([[1], [1], [0]]), [1, 0, 0]),
+                           2 / 3)
+    with self.assertRaisesRegex(ValueError, "same tokens: 3 and 2"):
+      rs.first_expert_agreement([0, 1, 2], [0, 1])
+
   def test_dropped_fraction_counts_tokens_with_no_kept_choice(self):
     kept = np.array([[True, False], [False, False], [False, True], [True, True]])
     self.assertAlmostEqual(rs.dropped_fraction(kept), 0.25)

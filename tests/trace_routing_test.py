@@ -1,9 +1,10 @@
 """tools/trace_routing.py on a tiny checkpoint: the model and lengths come from the model folder's
-operative_config.gin, exactly --num_tokens encoder tokens are traced, and tracing twice gives the
-same routing.json.
+operative_config.gin, exactly --num_tokens encoder tokens are traced, tracing twice gives the
+same routing.json, and --compare_checkpoint counts the tokens that keep their first expert.
 
 The checkpoint is st_moe_tiny with 1 + 1 layers (random weights, no training: routing is what is
-traced, not quality) at the embedded task's vocabulary, saved in-process; operative_config.gin is
+traced, not quality) at the embedded task's vocabulary, saved in-process as step 0, and as step 1
+with its routers' kernels negated; operative_config.gin is
 gin's operative config of that build plus the utils.run.sequence_length binding a
 t5_mesh_transformer run records. The tool runs as a subprocess from another folder (the installed package, no
 sys.path), ~30 s each on an idle machine. Before the tracer fixed the task's preprocessing seed and
@@ -59,7 +60,14 @@ def save_tiny_checkpoint(model_dir):
     tf.train.get_or_create_global_step()
     with tf.Session() as sess:
       sess.run(tf.global_variables_initializer())
-      tf.train.Saver().save(sess, os.path.join(model_dir, "model.ckpt"), global_step=0)
+      saver = tf.train.Saver()
+      saver.save(sess, os.path.join(model_dir, "model.ckpt"), global_step=0)
+      # Step 1: the same weights with every router kernel negated, so each token's first expert at
+      # step 1 is the expert its router ranked last at step 0 (4 experts: never the same one).
+      routers = [v for v in tf.global_variables() if v.name.endswith("router/kernel:0")]
+      assert routers, [v.name for v in tf.global_variables()]
+      sess.run([v.assign(-v) for v in routers])
+      saver.save(sess, os.path.join(model_dir, "model.ckpt"), global_step=1)
   with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
     f.write(gin.operative_config_str())
     f.write(f"\nutils.run.sequence_length = {LENGTHS!r}\n")
@@ -101,6 +109,19 @@ class TraceRoutingTest(absltest.TestCase):
     self.assertEqual(first, second)
     for name in ("routing.md", "entropy.png", "layer_00_encoder_classes.png"):
       self.assertTrue(os.path.isfile(os.path.join(self.tmp, "a", name)), name)
+
+  def test_compare_checkpoint_counts_tokens_keeping_their_first_expert(self):
+    # The latest checkpoint (step 1) against step 0, whose routers rank the experts in reverse:
+    # the encoder's sparse layer reads the same inputs at both (the routers are the only change
+    # and it is the encoder's only sparse layer), so no token keeps its first expert. The
+    # decoder's inputs change with the encoder's output: no exact expectation there.
+    step0 = os.path.join(self.model_dir, "model.ckpt-0")
+    out = self.trace(os.path.join(self.tmp, "compare"), f"--compare_checkpoint={step0}")
+    self.assertEqual([s["compare_checkpoint"] for s in out], [step0, step0])
+    self.assertEqual(out[0]["stack"], "encoder")
+    self.assertEqual(out[0]["same_first_expert"], 0.0)
+    with open(os.path.join(self.tmp, "compare", "routing.md")) as f:
+      self.assertIn("same first expert %", f.read())
 
   def test_explicit_lengths_override_the_operative_config(self):
     from st_moe.analysis import tracing  # pylint: disable=g-import-not-at-top

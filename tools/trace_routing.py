@@ -15,6 +15,10 @@ evaluation capacity factor, at which the dropped fraction is measured, and --sec
 their second-expert policy, "threshold" by default so that tracing the same checkpoint twice gives
 the same result ("random", the models' setting, samples which second choices are kept).
 
+--compare_checkpoint traces the same tokens at a second checkpoint of the model (an earlier
+step, say) and reports, per layer, how many tokens still go to the same first expert: a router
+that keeps reassigning tokens makes its experts learn from changing data.
+
 --seed fixes the task's random preprocessing, so the same tokens are read each time;
 --module_import (repeatable) imports a module first, e.g. the one that registers your own task.
 
@@ -51,6 +55,10 @@ flags.DEFINE_enum("second_policy_eval", tracing.DETERMINISTIC_SECOND_POLICY,
 flags.DEFINE_integer("seed", 0, "Seed of the task's random preprocessing (span corruption).")
 flags.DEFINE_multi_string("module_import", None, "Modules to import first, e.g. the module that "
                           "registers your own task (as t5_mesh_transformer's --module_import).")
+flags.DEFINE_string("compare_checkpoint", None,
+                    "Another checkpoint of the same model (e.g. an earlier step's): the same "
+                    "tokens are traced there too, and each layer reports the % of tokens whose "
+                    "first expert is the same at both (how much of the routing changed).")
 flags.DEFINE_string("out", "routing_trace", "Output folder.")
 
 
@@ -89,6 +97,12 @@ def main(argv):
       FLAGS.batch_size, sequence_length, FLAGS.checkpoint, second_policy_eval=policy,
       seed=FLAGS.seed)
   summaries = [tracing.analyse(t, vocabulary) for t in traces]
+  if FLAGS.compare_checkpoint:
+    other, _ = tracing.trace(
+        FLAGS.gin_file or [], params, FLAGS.model_dir, FLAGS.task, FLAGS.split, FLAGS.num_tokens,
+        FLAGS.batch_size, sequence_length, FLAGS.compare_checkpoint, second_policy_eval=policy,
+        seed=FLAGS.seed)
+    tracing.add_agreement(summaries, traces, other, FLAGS.compare_checkpoint)
   text = tracing.write_report(summaries, FLAGS.out,
                               title=f"Routing of {FLAGS.task}:{FLAGS.split}")
   print(text)

@@ -184,6 +184,32 @@ def mean_router_entropy(router_probs):
   return float(np.mean(entropy(router_probs)))
 
 
+def top2_log_margin(router_probs):
+  """<float64>[N] ln p(first expert) - ln p(second expert) of each token's router distribution.
+
+  The gap between the two largest router logits (the softmax keeps logit differences): how far a
+  token is from swapping its first and second expert; 0 at a tie. A router that has learned little
+  leaves most tokens near 0, so small weight updates move them between experts.
+  """
+  router_probs = np.asarray(router_probs, dtype=np.float64)
+  if router_probs.ndim != 2 or router_probs.shape[0] == 0 or router_probs.shape[1] < 2:
+    raise ValueError(f"router_probs must be [N, E] with N > 0 and E >= 2, got shape "
+                     f"{router_probs.shape}")
+  top2 = np.sort(router_probs, axis=-1)[:, -2:]
+  tiny = np.finfo(np.float64).tiny
+  return np.log(np.maximum(top2[:, 1], tiny)) - np.log(np.maximum(top2[:, 0], tiny))
+
+
+def first_expert_agreement(top1_a, top1_b):
+  """Fraction of tokens whose first expert is the same in two traces of the same tokens (e.g. two
+  checkpoints of one run: 1 - StableMoE's "routing fluctuation", Dai et al. 2022)."""
+  top1_a, top1_b = np.asarray(top1_a).reshape(-1), np.asarray(top1_b).reshape(-1)
+  if top1_a.shape != top1_b.shape or top1_a.size == 0:
+    raise ValueError(f"the two traces must route the same tokens: {top1_a.size} and "
+                     f"{top1_b.size} first choices")
+  return float(np.mean(top1_a == top1_b))
+
+
 def expert_load(top1_expert, num_experts):
   """<float64>[E] fraction of tokens whose first choice is each expert."""
   counts = np.bincount(np.asarray(top1_expert).reshape(-1), minlength=num_experts)

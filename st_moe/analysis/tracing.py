@@ -285,6 +285,8 @@ def analyse(layer: LayerTrace, vocabulary, top_n=6):
       # Table 14's measure: the router entropy of the span-corruption sentinels only.
       "sentinel_router_entropy": rs.mean_entropy_where(layer.router_probs, sentinels),
       "num_sentinels": int(np.sum(sentinels)),
+      # Median over tokens of ln p(first) - ln p(second): how far routing is from a tie.
+      "top2_log_margin_median": float(np.median(rs.top2_log_margin(layer.router_probs))),
       "load_entropy": rs.load_entropy(top1, layer.num_experts),
       "fraction_dropped": rs.dropped_fraction(layer.kept),
       "expert_load": rs.expert_load(top1, layer.num_experts).tolist(),
@@ -299,6 +301,22 @@ def analyse(layer: LayerTrace, vocabulary, top_n=6):
   return summary
 
 
+def add_agreement(summaries, traces, other_traces, other_checkpoint):
+  """Adds to each layer's summary the fraction of its tokens whose first expert is the same in
+  `other_traces` (the same tokens traced at `other_checkpoint`): how much of the routing changed
+  between two checkpoints of a run."""
+  if [t.name for t in traces] != [t.name for t in other_traces]:
+    raise ValueError(f"checkpoint {other_checkpoint} has sparse layers "
+                     f"{[t.name for t in other_traces]}, this trace {[t.name for t in traces]}: "
+                     "compare checkpoints of the same model")
+  for s, t, o in zip(summaries, traces, other_traces):
+    if not np.array_equal(t.token_ids, o.token_ids):
+      raise ValueError(f"{t.name}: the traces at the two checkpoints read different tokens; "
+                       "trace both with the same --task, --split, --seed and --num_tokens")
+    s["compare_checkpoint"] = other_checkpoint
+    s["same_first_expert"] = rs.first_expert_agreement(t.expert_index[:, 0], o.expert_index[:, 0])
+
+
 def _short(name):
   parts = [p for p in name.split("/") if p.startswith(("block_", "layer_"))]
   return f"{_stack_of(name)} " + "/".join(parts) if parts else name
@@ -309,22 +327,31 @@ def write_report(summaries, out_dir, title="Routing trace"):
   tf.io.gfile.makedirs(out_dir)
   with tf.io.gfile.GFile(os.path.join(out_dir, "routing.json"), "w") as f:
     json.dump(summaries, f, indent=1)
+  compared = bool(summaries) and "same_first_expert" in summaries[0]
   rows = []
   for s in summaries:
     rows.append([_short(s["name"]), s["num_tokens"], s["router_entropy"],
                  s.get("sentinel_router_entropy"), s["uniform_entropy"],
-                 s["load_entropy"], 100 * s["fraction_dropped"], len(s["specialized"])])
+                 s["top2_log_margin_median"], s["load_entropy"], 100 * s["fraction_dropped"],
+                 len(s["specialized"])])
+    if "same_first_expert" in s:
+      rows[-1].append(100 * s["same_first_expert"])
   lines = [f"### {title}", "",
            "Router entropy: mean over tokens of the entropy of the router's distribution over "
            "experts (nats, bounded by ln E), over all tokens and over the span-corruption "
            "sentinels only (the paper's Table 14 measures sentinels). Load entropy: entropy of how "
            "tokens spread over experts by first choice. Token classes are the paper's Table 13 "
            "categories; verbs, proper names and visual descriptions are told by word lists and "
-           "spelling, not by a tagger (st_moe.analysis.routing_stats.word_class).", "",
+           "spelling, not by a tagger (st_moe.analysis.routing_stats.word_class). Margin: median "
+           "over tokens of ln p(first expert) - ln p(second), the gap between the two largest "
+           "router logits (near 0: small updates move tokens between experts)."
+           + (f" Same first expert: % of the tokens whose first expert is the same at "
+              f"{summaries[0]['compare_checkpoint']}." if compared else ""), "",
            reporting.markdown_table(
                ["sparse layer", "tokens", "router entropy (all tokens)",
-                "router entropy (sentinels)", "ln E", "load entropy", "dropped %",
-                "specialised experts"], rows)]
+                "router entropy (sentinels)", "ln E", "margin (median)", "load entropy",
+                "dropped %", "specialised experts"]
+               + (["same first expert %"] if compared else []), rows)]
   for i, s in enumerate(summaries):
     png = f"layer_{i:02d}_{s['stack']}_classes.png"
     reporting.plot_routing_heatmap(
