@@ -19,6 +19,7 @@ import tempfile
 from absl.testing import absltest
 import entry_point
 import gin
+import numpy as np
 
 import graph_mode
 
@@ -122,6 +123,30 @@ class TraceRoutingTest(absltest.TestCase):
     self.assertEqual(out[0]["same_first_expert"], 0.0)
     with open(os.path.join(self.tmp, "compare", "routing.md")) as f:
       self.assertIn("same first expert %", f.read())
+
+  def test_missing_compare_checkpoint_is_named_before_tracing(self):
+    missing = os.path.join(self.model_dir, "model.ckpt-7")
+    proc = run_tool(f"--model_dir={self.model_dir}", f"--compare_checkpoint={missing}")
+    self.assertNotEqual(proc.returncode, 0)
+    self.assertIn(f"--compare_checkpoint={missing}: no such checkpoint", proc.stderr)
+
+  def test_agreement_refuses_traces_of_other_layers_or_tokens(self):
+    from st_moe.analysis import tracing  # pylint: disable=g-import-not-at-top
+
+    def layer(name, tokens):
+      n = len(tokens)
+      return tracing.LayerTrace(
+          name=name, stack="encoder", num_experts=2, token_ids=np.array(tokens),
+          expert_index=np.zeros((n, 1), np.int32), gates=np.ones((n, 1), np.float32),
+          kept=np.ones((n, 1), bool), router_probs=np.full((n, 2), 0.5, np.float32),
+          layer_metrics={})
+
+    a = [layer("encoder/block_000/moe", [5, 6, 7])]
+    with self.assertRaisesRegex(ValueError, "has sparse layers .*decoder.*compare checkpoints of "
+                                "the same model"):
+      tracing.add_agreement([{}], a, [layer("decoder/block_000/moe", [5, 6, 7])], "ckpt-1")
+    with self.assertRaisesRegex(ValueError, "read different tokens"):
+      tracing.add_agreement([{}], a, [layer("encoder/block_000/moe", [5, 6, 8])], "ckpt-1")
 
   def test_explicit_lengths_override_the_operative_config(self):
     from st_moe.analysis import tracing  # pylint: disable=g-import-not-at-top

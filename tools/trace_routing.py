@@ -32,6 +32,8 @@ from absl import flags
 # Defines --gin_file and --gin_param (repeatable), as t5_mesh_transformer has them.
 from mesh_tensorflow.transformer import utils as _mtf_utils  # pylint: disable=unused-import
 
+import tensorflow as tf
+
 from st_moe import routing
 from st_moe.analysis import tracing
 
@@ -80,6 +82,12 @@ def main(argv):
   for name in ("inputs_length", "targets_length"):
     if getattr(FLAGS, name) is not None and getattr(FLAGS, name) < 1:
       raise app.UsageError(f"--{name}={getattr(FLAGS, name)}: must be at least 1")
+  for name in ("checkpoint", "compare_checkpoint"):
+    path = getattr(FLAGS, name)
+    if path and not tf.io.gfile.exists(path + ".index"):
+      raise app.UsageError(f"--{name}={path}: no such checkpoint ({path}.index does not exist); "
+                           "give a checkpoint's path without its suffix, e.g. "
+                           "<model_dir>/model.ckpt-1000")
   params = list(FLAGS.gin_param or [])
   if FLAGS.capacity_factor_eval is not None:
     if not FLAGS.capacity_factor_eval > 0:
