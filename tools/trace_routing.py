@@ -32,10 +32,9 @@ from absl import flags
 # Defines --gin_file and --gin_param (repeatable), as t5_mesh_transformer has them.
 from mesh_tensorflow.transformer import utils as _mtf_utils  # pylint: disable=unused-import
 
-import tensorflow as tf
-
 from st_moe import routing
 from st_moe.analysis import tracing
+from st_moe.experiments import checkpoints
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "Folder with the checkpoint (and operative_config.gin).")
@@ -84,10 +83,10 @@ def main(argv):
       raise app.UsageError(f"--{name}={getattr(FLAGS, name)}: must be at least 1")
   for name in ("checkpoint", "compare_checkpoint"):
     path = getattr(FLAGS, name)
-    if path and not tf.io.gfile.exists(path + ".index"):
-      raise app.UsageError(f"--{name}={path}: no such checkpoint ({path}.index does not exist); "
-                           "give a checkpoint's path without its suffix, e.g. "
-                           "<model_dir>/model.ckpt-1000")
+    reason = path and checkpoints.readable(path)
+    if reason:
+      raise app.UsageError(f"--{name}={path}: no such checkpoint can be read ({reason}); give a "
+                           "checkpoint's path without its suffix, e.g. <model_dir>/model.ckpt-1000")
   params = list(FLAGS.gin_param or [])
   if FLAGS.capacity_factor_eval is not None:
     if not FLAGS.capacity_factor_eval > 0:
@@ -100,16 +99,16 @@ def main(argv):
   for module in FLAGS.module_import or []:
     importlib.import_module(module)
   policy = None if FLAGS.second_policy_eval == "model" else FLAGS.second_policy_eval
-  traces, vocabulary = tracing.trace(
-      FLAGS.gin_file or [], params, FLAGS.model_dir, FLAGS.task, FLAGS.split, FLAGS.num_tokens,
-      FLAGS.batch_size, sequence_length, FLAGS.checkpoint, second_policy_eval=policy,
-      seed=FLAGS.seed)
+
+  def trace_at(checkpoint):
+    return tracing.trace(
+        FLAGS.gin_file or [], params, FLAGS.model_dir, FLAGS.task, FLAGS.split, FLAGS.num_tokens,
+        FLAGS.batch_size, sequence_length, checkpoint, second_policy_eval=policy, seed=FLAGS.seed)
+
+  traces, vocabulary = trace_at(FLAGS.checkpoint)
   summaries = [tracing.analyse(t, vocabulary) for t in traces]
   if FLAGS.compare_checkpoint:
-    other, _ = tracing.trace(
-        FLAGS.gin_file or [], params, FLAGS.model_dir, FLAGS.task, FLAGS.split, FLAGS.num_tokens,
-        FLAGS.batch_size, sequence_length, FLAGS.compare_checkpoint, second_policy_eval=policy,
-        seed=FLAGS.seed)
+    other, _ = trace_at(FLAGS.compare_checkpoint)
     tracing.add_agreement(summaries, traces, other, FLAGS.compare_checkpoint)
   text = tracing.write_report(summaries, FLAGS.out,
                               title=f"Routing of {FLAGS.task}:{FLAGS.split}")
