@@ -148,6 +148,25 @@ class TraceRoutingTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "read different tokens"):
       tracing.add_agreement([{}], a, [layer("encoder/block_000/moe", [5, 6, 8])], "ckpt-1")
 
+  def test_one_expert_layer_is_reported_without_margin_or_entropy_chart(self):
+    # A one-expert "sparse" layer (a dense FFN in the sparse layer's place, as a pilot's upper
+    # bound) has no second choice and ln E = 0: no margin, no entropy ratio, and no crash.
+    from st_moe.analysis import tracing  # pylint: disable=g-import-not-at-top
+    from st_moe.tasks import corpus  # pylint: disable=g-import-not-at-top
+    n = 5
+    layer = tracing.LayerTrace(
+        name="encoder/block_001/sparse_ffn", stack="encoder", num_experts=1,
+        token_ids=np.arange(100, 100 + n), expert_index=np.zeros((n, 1), np.int32),
+        gates=np.ones((n, 1), np.float32), kept=np.ones((n, 1), bool),
+        router_probs=np.ones((n, 1), np.float32), layer_metrics={})
+    summary = tracing.analyse(layer, corpus.docs_vocabulary())
+    self.assertIsNone(summary["top2_log_margin_median"])
+    self.assertEqual(summary["uniform_entropy"], 0.0)
+    out = os.path.join(self.tmp, "one_expert")
+    text = tracing.write_report([summary], out)
+    self.assertIn("| encoder block_001 | 5 | 0 |  | 0 |  | 0 | 0 | 0 |", text)
+    self.assertFalse(os.path.exists(os.path.join(out, "entropy.png")))
+
   def test_explicit_lengths_override_the_operative_config(self):
     from st_moe.analysis import tracing  # pylint: disable=g-import-not-at-top
     traces, _ = tracing.trace([], [], self.model_dir, TASK, num_tokens=20, batch_size=2,

@@ -285,8 +285,10 @@ def analyse(layer: LayerTrace, vocabulary, top_n=6):
       # Table 14's measure: the router entropy of the span-corruption sentinels only.
       "sentinel_router_entropy": rs.mean_entropy_where(layer.router_probs, sentinels),
       "num_sentinels": int(np.sum(sentinels)),
-      # Median over tokens of ln p(first) - ln p(second): how far routing is from a tie.
-      "top2_log_margin_median": float(np.median(rs.top2_log_margin(layer.router_probs))),
+      # Median over tokens of ln p(first) - ln p(second): how far routing is from a tie. None for
+      # a one-expert layer (a dense FFN written as a sparse layer: there is no second choice).
+      "top2_log_margin_median": (float(np.median(rs.top2_log_margin(layer.router_probs)))
+                                 if layer.num_experts >= 2 else None),
       "load_entropy": rs.load_entropy(top1, layer.num_experts),
       "fraction_dropped": rs.dropped_fraction(layer.kept),
       "expert_load": rs.expert_load(top1, layer.num_experts).tolist(),
@@ -371,12 +373,15 @@ def write_report(summaries, out_dir, title="Routing trace"):
                           "; ".join(special.get(e, []))])
     lines += [reporting.markdown_table(["expert", "load", "most frequent tokens", "specialises in"],
                                        expert_rows), f"![classes]({png})", ""]
-  by_stack = {stack: [s["router_entropy"] / s["uniform_entropy"] for s in summaries
-                      if s["stack"] == stack] for stack in reporting.STACKS}
-  reporting.plot_entropy_bars({"router entropy / ln E": by_stack},
-                              os.path.join(out_dir, "entropy.png"),
-                              "Routing entropy per sparse layer (1 = uniform over the experts)")
-  lines.insert(5, "![entropy](entropy.png)\n")
+  # entropy / ln E is undefined for a one-expert layer (ln 1 = 0): its bar is left empty.
+  by_stack = {stack: [s["router_entropy"] / s["uniform_entropy"] if s["uniform_entropy"] > 0
+                      else float("nan") for s in summaries if s["stack"] == stack]
+              for stack in reporting.STACKS}
+  if any(s["uniform_entropy"] > 0 for s in summaries):
+    reporting.plot_entropy_bars({"router entropy / ln E": by_stack},
+                                os.path.join(out_dir, "entropy.png"),
+                                "Routing entropy per sparse layer (1 = uniform over the experts)")
+    lines.insert(5, "![entropy](entropy.png)\n")
   text = "\n".join(lines) + "\n"
   with tf.io.gfile.GFile(os.path.join(out_dir, "routing.md"), "w") as f:
     f.write(text)
