@@ -124,6 +124,34 @@ class TraceRoutingTest(absltest.TestCase):
     with open(os.path.join(self.tmp, "compare", "routing.md")) as f:
       self.assertIn("same first expert %", f.read())
 
+  def test_two_checkpoints_in_one_graph_trace_as_two_separate_traces(self):
+    # The expected traces come from two separate single-checkpoint traces (a graph each); the
+    # two-checkpoint trace builds the model once and must give the same arrays for both.
+    from unittest import mock  # pylint: disable=g-import-not-at-top
+    from mesh_tensorflow.transformer import utils as mtf_utils  # pylint: disable=g-import-not-at-top
+    from st_moe.analysis import tracing  # pylint: disable=g-import-not-at-top
+    step0 = os.path.join(self.model_dir, "model.ckpt-0")
+    step1 = os.path.join(self.model_dir, "model.ckpt-1")
+    kwargs = dict(num_tokens=20, batch_size=2)
+    expected = []
+    for path in (step1, step0):
+      traces, _ = tracing.trace([], [], self.model_dir, TASK, checkpoint_path=path, **kwargs)
+      gin.clear_config()
+      expected.append(traces)
+    with mock.patch.object(mtf_utils, "build_model", wraps=mtf_utils.build_model) as build:
+      both, _ = tracing.trace_checkpoints([], [], self.model_dir, TASK, [step1, step0], **kwargs)
+    gin.clear_config()
+    self.assertEqual(build.call_count, 1)
+    self.assertEqual(len(both), 2)
+    for got, want in zip(both, expected):
+      self.assertEqual([t.name for t in got], [t.name for t in want])
+      for g, w in zip(got, want):
+        for field in ("token_ids", "expert_index", "gates", "kept", "router_probs"):
+          np.testing.assert_array_equal(getattr(g, field), getattr(w, field), err_msg=field)
+    # The checkpoints differ (step 0's routers rank the experts in reverse), so a session that
+    # failed to restore the second one would repeat the first one's routing.
+    self.assertFalse(np.array_equal(both[0][0].expert_index, both[1][0].expert_index))
+
   def test_missing_compare_checkpoint_is_named_before_tracing(self):
     missing = os.path.join(self.model_dir, "model.ckpt-7")
     proc = run_tool(f"--model_dir={self.model_dir}", f"--compare_checkpoint={missing}")

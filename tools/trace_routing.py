@@ -31,6 +31,7 @@ from absl import app
 from absl import flags
 # Defines --gin_file and --gin_param (repeatable), as t5_mesh_transformer has them.
 from mesh_tensorflow.transformer import utils as _mtf_utils  # pylint: disable=unused-import
+import tensorflow.compat.v1 as tf
 
 from st_moe import routing
 from st_moe.analysis import tracing
@@ -100,16 +101,20 @@ def main(argv):
     importlib.import_module(module)
   policy = None if FLAGS.second_policy_eval == "model" else FLAGS.second_policy_eval
 
-  def trace_at(checkpoint):
-    return tracing.trace(
-        FLAGS.gin_file or [], params, FLAGS.model_dir, FLAGS.task, FLAGS.split, FLAGS.num_tokens,
-        FLAGS.batch_size, sequence_length, checkpoint, second_policy_eval=policy, seed=FLAGS.seed)
-
-  traces, vocabulary = trace_at(FLAGS.checkpoint)
+  checkpoint = FLAGS.checkpoint or tf.train.latest_checkpoint(FLAGS.model_dir)
+  if checkpoint is None:
+    raise app.UsageError(f"--model_dir={FLAGS.model_dir}: no checkpoint there to trace; give "
+                         "--checkpoint=<model_dir>/model.ckpt-<step>")
+  # Both checkpoints in one graph and one session, on one read of the task's tokens.
+  paths = [checkpoint] + ([FLAGS.compare_checkpoint] if FLAGS.compare_checkpoint else [])
+  per_checkpoint, vocabulary = tracing.trace_checkpoints(
+      FLAGS.gin_file or [], params, FLAGS.model_dir, FLAGS.task, paths, split=FLAGS.split,
+      num_tokens=FLAGS.num_tokens, batch_size=FLAGS.batch_size, sequence_length=sequence_length,
+      second_policy_eval=policy, seed=FLAGS.seed)
+  traces = per_checkpoint[0]
   summaries = [tracing.analyse(t, vocabulary) for t in traces]
   if FLAGS.compare_checkpoint:
-    other, _ = trace_at(FLAGS.compare_checkpoint)
-    tracing.add_agreement(summaries, traces, other, FLAGS.compare_checkpoint)
+    tracing.add_agreement(summaries, traces, per_checkpoint[1], FLAGS.compare_checkpoint)
   text = tracing.write_report(summaries, FLAGS.out,
                               title=f"Routing of {FLAGS.task}:{FLAGS.split}")
   print(text)

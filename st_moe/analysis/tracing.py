@@ -119,8 +119,30 @@ def model_dir_config(model_dir):
 
 def trace(gin_files, gin_params, model_dir, task_name, split="validation", num_tokens=2048,
           batch_size=8, sequence_length=None, checkpoint_path=None,
-          second_policy_eval=DETERMINISTIC_SECOND_POLICY, seed=0) -> List[LayerTrace]:
+          second_policy_eval=DETERMINISTIC_SECOND_POLICY, seed=0):
   """Runs the model over `num_tokens` encoder tokens of the task; one LayerTrace per sparse call.
+
+  `trace_checkpoints` (see there for the arguments) at `checkpoint_path`, by default the latest
+  checkpoint in `model_dir`. Returns (list of LayerTrace, the task's vocabulary).
+
+  Raises:
+    FileNotFoundError: no checkpoint.
+  """
+  checkpoint_path = checkpoint_path or tf.train.latest_checkpoint(model_dir)
+  if checkpoint_path is None:
+    raise FileNotFoundError(f"--model_dir={model_dir}: no checkpoint there to trace")
+  traces, vocabulary = trace_checkpoints(
+      gin_files, gin_params, model_dir, task_name, [checkpoint_path], split=split,
+      num_tokens=num_tokens, batch_size=batch_size, sequence_length=sequence_length,
+      second_policy_eval=second_policy_eval, seed=seed)
+  return traces[0], vocabulary
+
+
+def trace_checkpoints(gin_files, gin_params, model_dir, task_name, checkpoint_paths,
+                      split="validation", num_tokens=2048, batch_size=8, sequence_length=None,
+                      second_policy_eval=DETERMINISTIC_SECOND_POLICY, seed=0):
+  """The same tokens traced at each of `checkpoint_paths`: one graph, one read of the task, one
+  session that restores the checkpoints in turn.
 
   The model is the one `model_dir/operative_config.gin` describes (t5_mesh_transformer writes it),
   with `gin_files` and `gin_params` parsed on top (e.g. a CPU layout for a TPU-trained model);
@@ -135,19 +157,21 @@ def trace(gin_files, gin_params, model_dir, task_name, split="validation", num_t
     num_tokens: encoder tokens (non-padding) to trace; decoder tokens are those of the same rows.
     batch_size: sequences per batch run.
     sequence_length: {"inputs", "targets"}; default: utils.run.sequence_length of the gin config.
-    checkpoint_path: a checkpoint; default: the latest in `model_dir`.
+    checkpoint_paths: checkpoints of the model (paths without their suffix), traced in turn.
     second_policy_eval: bound to st_moe.SparseFFN.second_policy_eval (None: keep the model's);
       the default, "threshold", makes the trace deterministic.
     seed: seed of the task's random preprocessing (the same seed reads the same tokens).
 
   Returns:
-    (list of LayerTrace, the task's vocabulary).
+    (one list of LayerTrace per checkpoint, the task's vocabulary).
 
   Raises:
-    ValueError: no gin configuration, no sequence length, num_tokens < 1, a model without
-      st_moe.SparseFFN layers.
-    FileNotFoundError: no checkpoint.
+    ValueError: no gin configuration, no sequence length, num_tokens < 1, no checkpoint given, a
+      model without st_moe.SparseFFN layers.
   """
+  checkpoint_paths = list(checkpoint_paths)
+  if not checkpoint_paths:
+    raise ValueError("checkpoint_paths=[]: give at least one checkpoint to trace")
   if num_tokens < 1:
     raise ValueError(f"num_tokens={num_tokens}: trace at least 1 token")
   operative = model_dir_config(model_dir)
@@ -173,10 +197,7 @@ def trace(gin_files, gin_params, model_dir, task_name, split="validation", num_t
                                               batch_size, seed=seed)
   encoder_mask, decoder_mask = traced_masks(inputs, targets, num_tokens)
   mesh_shape, layout_rules = model_graph.gin_mesh_and_layout()
-  checkpoint_path = checkpoint_path or tf.train.latest_checkpoint(model_dir)
-  if checkpoint_path is None:
-    raise FileNotFoundError(f"--model_dir={model_dir}: no checkpoint there to trace")
-  per_layer = {}
+  per_checkpoint = []
   graph_tf = tf.Graph()
   with graph_tf.as_default():
     model = mtf_utils.build_model(
@@ -217,27 +238,45 @@ def trace(gin_files, gin_params, model_dir, task_name, split="validation", num_t
     saver = tf.train.Saver(var_list=[v for v in tf.global_variables()
                                      if not v.name.startswith("global_step")])
     with tf.Session() as sess:
-      saver.restore(sess, checkpoint_path)
-      sess.run(lowering.copy_masters_to_slices())
-      for start in range(0, len(inputs), batch_size):
-        batch_in = inputs[start:start + batch_size]
-        batch_tg = targets[start:start + batch_size]
-        masks = {"encoder": encoder_mask[start:start + batch_size],
-                 "decoder": decoder_mask[start:start + batch_size]}
-        values = sess.run(fetches, {tf_in: batch_in, tf_tg: batch_tg})
-        # The decoder at position t reads the previous target token (0 at t = 0).
-        dec_in = np.concatenate([np.zeros_like(batch_tg[:, :1]), batch_tg[:, :-1]], axis=1)
-        for r, v in zip(records, values):
-          stack = _stack_of(r.name)
-          tokens = batch_in if stack == "encoder" else dec_in
-          mask = masks[stack]
-          acc = per_layer.setdefault(r.name, {"stack": stack, "tokens": [], "metrics": {}})
-          acc["tokens"].append(tokens[mask])
-          for key, arr in v.items():
-            if key.startswith("metric/"):
-              acc["metrics"].setdefault(key[len("metric/"):], []).append(float(arr))
-            else:
-              acc.setdefault(key, []).append(arr[mask])
+      for checkpoint_path in checkpoint_paths:
+        saver.restore(sess, checkpoint_path)
+        sess.run(lowering.copy_masters_to_slices())
+        per_layer = {}
+        per_checkpoint.append(per_layer)
+        _run_batches(sess, fetches, records, (tf_in, tf_tg), inputs, targets,
+                     (encoder_mask, decoder_mask), batch_size, per_layer)
+  return [_layer_traces(records, per_layer, sequence_length) for per_layer in per_checkpoint], \
+      vocabulary
+
+
+def _run_batches(sess, fetches, records, placeholders, inputs, targets, row_masks, batch_size,
+                 per_layer):
+  """Runs the traced rows batch by batch; appends each sparse layer's values to `per_layer`."""
+  tf_in, tf_tg = placeholders
+  encoder_mask, decoder_mask = row_masks
+  for start in range(0, len(inputs), batch_size):
+    batch_in = inputs[start:start + batch_size]
+    batch_tg = targets[start:start + batch_size]
+    masks = {"encoder": encoder_mask[start:start + batch_size],
+             "decoder": decoder_mask[start:start + batch_size]}
+    values = sess.run(fetches, {tf_in: batch_in, tf_tg: batch_tg})
+    # The decoder at position t reads the previous target token (0 at t = 0).
+    dec_in = np.concatenate([np.zeros_like(batch_tg[:, :1]), batch_tg[:, :-1]], axis=1)
+    for r, v in zip(records, values):
+      stack = _stack_of(r.name)
+      tokens = batch_in if stack == "encoder" else dec_in
+      mask = masks[stack]
+      acc = per_layer.setdefault(r.name, {"stack": stack, "tokens": [], "metrics": {}})
+      acc["tokens"].append(tokens[mask])
+      for key, arr in v.items():
+        if key.startswith("metric/"):
+          acc["metrics"].setdefault(key[len("metric/"):], []).append(float(arr))
+        else:
+          acc.setdefault(key, []).append(arr[mask])
+
+
+def _layer_traces(records, per_layer, sequence_length):
+  """One LayerTrace per sparse layer from the values `_run_batches` collected."""
   traces = []
   for r in records:
     acc = per_layer[r.name]
@@ -250,7 +289,7 @@ def trace(gin_files, gin_params, model_dir, task_name, split="validation", num_t
         router_probs=np.concatenate(acc["router_probs"]).astype(np.float32),
         layer_metrics={k: float(np.mean(v)) for k, v in acc["metrics"].items()},
         sequence_length=dict(sequence_length)))
-  return traces, vocabulary
+  return traces
 
 
 def pieces_and_sentinels(token_ids, vocabulary):
