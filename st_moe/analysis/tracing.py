@@ -12,7 +12,7 @@ Dimensions: B sequences, L length, K choices per token, E experts, N traced toke
 import dataclasses
 import json
 import os
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import mesh_tensorflow as mtf
 from mesh_tensorflow.transformer import utils as mtf_utils
