@@ -31,7 +31,6 @@ from absl import app
 from absl import flags
 # Defines --gin_file and --gin_param (repeatable), as t5_mesh_transformer has them.
 from mesh_tensorflow.transformer import utils as _mtf_utils  # pylint: disable=unused-import
-import tensorflow.compat.v1 as tf
 
 from st_moe import routing
 from st_moe.analysis import tracing
@@ -101,12 +100,10 @@ def main(argv):
     importlib.import_module(module)
   policy = None if FLAGS.second_policy_eval == "model" else FLAGS.second_policy_eval
 
-  checkpoint = FLAGS.checkpoint or tf.train.latest_checkpoint(FLAGS.model_dir)
-  if checkpoint is None:
-    raise app.UsageError(f"--model_dir={FLAGS.model_dir}: no checkpoint there to trace; give "
-                         "--checkpoint=<model_dir>/model.ckpt-<step>")
   # Both checkpoints in one graph and one session, on one read of the task's tokens.
-  paths = [checkpoint] + ([FLAGS.compare_checkpoint] if FLAGS.compare_checkpoint else [])
+  paths = [tracing.checkpoint_to_trace(FLAGS.model_dir, FLAGS.checkpoint)]
+  if FLAGS.compare_checkpoint:
+    paths.append(FLAGS.compare_checkpoint)
   per_checkpoint, vocabulary = tracing.trace_checkpoints(
       FLAGS.gin_file or [], params, FLAGS.model_dir, FLAGS.task, paths, split=FLAGS.split,
       num_tokens=FLAGS.num_tokens, batch_size=FLAGS.batch_size, sequence_length=sequence_length,

@@ -117,6 +117,18 @@ def model_dir_config(model_dir):
   return path if tf.io.gfile.exists(path) else None
 
 
+def checkpoint_to_trace(model_dir, checkpoint_path=None):
+  """`checkpoint_path`, or the latest checkpoint in `model_dir`.
+
+  Raises:
+    FileNotFoundError: neither.
+  """
+  checkpoint_path = checkpoint_path or tf.train.latest_checkpoint(model_dir)
+  if checkpoint_path is None:
+    raise FileNotFoundError(f"--model_dir={model_dir}: no checkpoint there to trace")
+  return checkpoint_path
+
+
 def trace(gin_files, gin_params, model_dir, task_name, split="validation", num_tokens=2048,
           batch_size=8, sequence_length=None, checkpoint_path=None,
           second_policy_eval=DETERMINISTIC_SECOND_POLICY, seed=0):
@@ -128,11 +140,9 @@ def trace(gin_files, gin_params, model_dir, task_name, split="validation", num_t
   Raises:
     FileNotFoundError: no checkpoint.
   """
-  checkpoint_path = checkpoint_path or tf.train.latest_checkpoint(model_dir)
-  if checkpoint_path is None:
-    raise FileNotFoundError(f"--model_dir={model_dir}: no checkpoint there to trace")
   traces, vocabulary = trace_checkpoints(
-      gin_files, gin_params, model_dir, task_name, [checkpoint_path], split=split,
+      gin_files, gin_params, model_dir, task_name,
+      [checkpoint_to_trace(model_dir, checkpoint_path)], split=split,
       num_tokens=num_tokens, batch_size=batch_size, sequence_length=sequence_length,
       second_policy_eval=second_policy_eval, seed=seed)
   return traces[0], vocabulary
