@@ -6,9 +6,17 @@ trained); the parameters and FLOPs it adds are checked against a hand count from
 dense_tiny.gin (d_ff 128). A GEGLU FFN holds 3 x d_model x d_ff weights and its pre-norm d_model
 scales. One table (expert_bias) is trained and written end to end in reproduce_test.py.
 """
+import dataclasses
+import os
+import tempfile
+from unittest import mock
+
 from absl.testing import absltest
 
 from st_moe.analysis import model_graph
+from st_moe.experiments import jobs
+from st_moe.experiments import runner
+from st_moe.experiments import tables
 from st_moe.experiments.tables import ablations
 from st_moe.experiments.tables import common
 
@@ -87,6 +95,71 @@ class AblationRunsTest(absltest.TestCase):
       self.assertTrue(any(n.endswith("/" + which) for n in names), which)
 
 
+
+def _no_training(*args, **kwargs):
+  raise AssertionError(f"training or evaluation started: {args[0].name}")
+
+
+class RowsAndArchivedRunsTest(absltest.TestCase):
+  """--rows runs a part of a table (with the baseline rows it is compared with); a finished run
+  that lost its checkpoints (restored from the archive) and misses an evaluation stops the table
+  before anything trains, not after the runs before it in the table have trained."""
+
+  def test_rows_bring_their_baselines(self):
+    config = common.config_for("top_k", "tiny", rows=("top-3 / 2 / 3", "top-1 / 0.75 / 2"))
+    self.assertEqual([r.label for r in ablations.selected("top_k", config)],
+                     ["Dense", "top-1 train 0.75 eval 2", "top-3 train 2 eval 3"])
+    # Table 16: an extra FFN before each sparse layer is compared with the sparse model without.
+    config = common.config_for("dense_ffn", "tiny",
+                               rows=("Sparse + extra FFN before each sparse layer",))
+    self.assertEqual([r.label for r in ablations.selected("dense_ffn", config)],
+                     ["Sparse (baseline): no extra dense FFN",
+                      "Sparse + extra FFN before each sparse layer"])
+
+  def test_a_row_that_is_not_one_is_named_with_the_rows_there_are(self):
+    config = common.config_for("top_k", "tiny", rows=("top-3 / 2.0 / 3",))
+    with self.assertRaisesRegex(ValueError, r"--rows='top-3 / 2.0 / 3': 'top-3 / 2.0 / 3' is not "
+                                r"a row of top_k; its rows: dense / - / -; top-1 / 0.75 / 0.75; "):
+      tables.validate("top_k", config)
+    with self.assertRaisesRegex(ValueError, r"--rows='x': capacity runs all its rows; --rows "
+                                r"selects rows of top_k, dense_ffn, expert_bias, finetune_"):
+      tables.validate("capacity", common.config_for("capacity", "tiny", rows=("x",)))
+
+  def test_an_archived_run_missing_an_evaluation_stops_the_table_before_training(self):
+    out = tempfile.mkdtemp(prefix="ablations_test_")
+    config = common.config_for("expert_bias", "tiny", out=out, seeds=1, steps=6)
+    # The sparse baseline's run as tools/archive_runs.py restores it: finished at step 6, its
+    # `checkpoint` index naming model.ckpt-6, whose files are not there; no eval_cf2.json.
+    sparse = os.path.join(out, "runs", "default_cf1.25_seed0")
+    os.makedirs(sparse)
+    jobs.write_json(os.path.join(sparse, "train_done.json"), {"train_steps": 6, "status": "done"})
+    with open(os.path.join(sparse, "checkpoint"), "w") as f:
+      f.write('model_checkpoint_path: "model.ckpt-6"\n')
+    with mock.patch.object(jobs, "train", _no_training), \
+         mock.patch.object(runner, "run", _no_training):
+      with self.assertRaisesRegex(
+          jobs.MissingCheckpointError,
+          r"^1 evaluation\(s\) cannot run, checked before training anything:\n"
+          r"\[default_cf1.25_seed0\] evaluation eval_cf2 \(capacity_factor_eval = 2.0 "
+          r"st_moe.SparseFFN.capacity_factor_eval = 2.0\) is not cached and needs the step-6 "
+          r"checkpoint of .*default_cf1.25_seed0, which cannot be read: .*\n"
+          r"Or leave their rows out: --rows names the rows to run \(as in expert_bias.md, e.g. "
+          r"--rows='Sparse \+ multiplicative bias \(ones\)'\)\.$"):
+        ablations.table("expert_bias", config)
+      # Without the rows compared with the sparse baseline, the table goes on to train its dense
+      # row (the mocked training raises).
+      with self.assertRaisesRegex(AssertionError, r"training or evaluation started: dense_seed0"):
+        ablations.table("expert_bias", dataclasses.replace(config, rows=("Dense baseline",)))
+      # With its evaluation cached (the key jobs.evaluate writes), the run is not in the way.
+      jobs.write_json(os.path.join(sparse, "eval_cf2.json"), {
+          "step": 6, "eval_steps": config.eval_steps,
+          "gin_params": ["mesh_eval_dataset_fn.seed = 0", "capacity_factor_eval = 2.0",
+                         "st_moe.SparseFFN.capacity_factor_eval = 2.0"],
+          "eval_gin_files": ["perplexity_eval.gin"], "neg_log_perplexity": -3.0})
+      with self.assertRaisesRegex(AssertionError, r"training or evaluation started: dense_seed0"):
+        ablations.table("expert_bias", config)
+
+
 class TpuScaleRowsTest(absltest.TestCase):
   """At --scale=l the same rows name ST-MoE-L's files, the TPU layout and the user's TPU flags."""
 
@@ -107,6 +180,7 @@ class TpuScaleRowsTest(absltest.TestCase):
     own = [r for r in ablations.dense_ffn_rows(config) if "own" in r.label]
     self.assertEqual([r.run(config, 0).name for r in own], ["default_cf1.25_seed0"])
     self.assertIn("after each sparse layer", own[0].label)
+
 
 if __name__ == "__main__":
   absltest.main()

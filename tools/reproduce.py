@@ -60,8 +60,9 @@ flags.DEFINE_integer("finetune_steps", None, "Fine-tuning tables: steps per fine
                      "(default: 100 at tiny scale, 300 at small).")
 flags.DEFINE_integer("finetune_checkpoints", None, "Fine-tuning tables: checkpoints per run, each "
                      "decoded (the table reports the peak; default 3).")
-flags.DEFINE_multi_string("rows", [], "Fine-tuning tables: only this row (repeatable), labelled "
-                          "as in the table's .md, e.g. "
+flags.DEFINE_multi_string("rows", [], "Ablation and fine-tuning tables: only this row "
+                          "(repeatable; an ablation row brings its baseline row), labelled as in "
+                          "the table's .md, e.g. --rows='top-3 / 2 / 3' or "
                           "--rows='sparse / 0.001 / 262k / 8 x 200 / kept'.")
 if "gin_param" not in FLAGS:
   flags.DEFINE_multi_string("gin_param", [], "A gin binding for every run (repeatable), e.g. "

@@ -350,6 +350,42 @@ class MissingCheckpointError(RuntimeError):
   """An evaluation that is not cached needs a checkpoint the run no longer has (or only in part)."""
 
 
+def _evaluation(job: Job, name: str, eval_steps: int, gin_params: Sequence[str],
+                eval_gin_files: Sequence[str], step):
+  """(step, the bindings with EVAL_DATA_SEED first, cache key, cached result or None)."""
+  step = runner.latest_checkpoint_step(job.model_dir) if step is None else step
+  gin_params = [EVAL_DATA_SEED] + list(gin_params)
+  key = {"step": step, "eval_steps": eval_steps, "gin_params": list(gin_params),
+         "eval_gin_files": list(eval_gin_files)}
+  cached = read_json(job.path(f"{name}.json"))
+  if cached and all(cached.get(k) == v for k, v in key.items()):
+    return step, gin_params, key, cached
+  return step, gin_params, key, None
+
+
+def missing_checkpoint(job: Job, name: str, *, eval_steps: int, gin_params: Sequence[str] = (),
+                       eval_gin_files: Sequence[str] = ("perplexity_eval.gin",),
+                       step=None) -> Optional[MissingCheckpointError]:
+  """The error evaluate() with the same arguments would raise before running anything: the
+  evaluation is not cached and the checkpoint it needs cannot be read. None when it is cached,
+  when its checkpoint is readable, and when the folder has no checkpoint yet (nothing to check)."""
+  step, gin_params, _, cached = _evaluation(job, name, eval_steps, gin_params, eval_gin_files,
+                                            step)
+  if cached is not None or step is None:
+    return None
+  from st_moe.experiments import checkpoints  # pylint: disable=g-import-not-at-top
+  reason = checkpoints.readable(join(job.model_dir, f"model.ckpt-{step}"))
+  if reason is None:
+    return None
+  return MissingCheckpointError(
+      f"[{job.name}] evaluation {name} ({' '.join(gin_params[1:]) or 'default settings'}) is "
+      f"not cached and needs the step-{step} checkpoint of {job.model_dir}, which cannot be "
+      f"read: {reason} (a run restored by tools/archive_runs.py keeps its results, not its "
+      f"checkpoints). To evaluate it, move {job.model_dir} aside and rerun the same command: "
+      "it trains the run again (same seed; equivalent, not bit-identical for a sparse model: "
+      "README, 'One seed, one run').")
+
+
 def evaluate(job: Job, name: str, *, eval_steps: int, gin_params: Sequence[str] = (),
              eval_gin_files: Sequence[str] = ("perplexity_eval.gin",), step=None, show=print,
              parse: Callable[[str], Dict] = None) -> Dict:
@@ -367,26 +403,19 @@ def evaluate(job: Job, name: str, *, eval_steps: int, gin_params: Sequence[str] 
 
   Returns:
     {"step", "eval_steps", metric: value..., "command"}; cached for the same step and settings.
+
+  Raises:
+    MissingCheckpointError: not cached, and the checkpoint cannot be read (missing_checkpoint).
   """
-  step = runner.latest_checkpoint_step(job.model_dir) if step is None else step
-  gin_params = [EVAL_DATA_SEED] + list(gin_params)
-  path = job.path(f"{name}.json")
-  key = {"step": step, "eval_steps": eval_steps, "gin_params": list(gin_params),
-         "eval_gin_files": list(eval_gin_files)}
-  cached = read_json(path)
-  if cached and all(cached.get(k) == v for k, v in key.items()):
+  error = missing_checkpoint(job, name, eval_steps=eval_steps, gin_params=gin_params,
+                             eval_gin_files=eval_gin_files, step=step)
+  if error is not None:
+    raise error
+  step, gin_params, key, cached = _evaluation(job, name, eval_steps, gin_params, eval_gin_files,
+                                              step)
+  if cached is not None:
     return cached
-  if step is not None:
-    from st_moe.experiments import checkpoints  # pylint: disable=g-import-not-at-top
-    reason = checkpoints.readable(join(job.model_dir, f"model.ckpt-{step}"))
-    if reason is not None:
-      raise MissingCheckpointError(
-          f"[{job.name}] evaluation {name} ({' '.join(gin_params[1:]) or 'default settings'}) is "
-          f"not cached and needs the step-{step} checkpoint of {job.model_dir}, which cannot be "
-          f"read: {reason} (a run restored by tools/archive_runs.py keeps its results, not its "
-          f"checkpoints). To evaluate it, move {job.model_dir} aside and rerun the same command: "
-          "it trains the run again (same seed; equivalent, not bit-identical for a sparse model: "
-          "README, 'One seed, one run').")
+  path = job.path(f"{name}.json")
   show(f"[{job.name}] evaluating step {step} on {job.task}:validation ({name})")
   params = job.run_params() + ["utils.run.dataset_split = 'validation'",
                                f"utils.run.eval_checkpoint_step = {step}",

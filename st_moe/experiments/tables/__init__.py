@@ -37,6 +37,11 @@ def validate(table, config: Config):
     stability.validate(config)
   if table in finetune.TABLES:
     finetune.validate(table, config)
+  elif table in ablations.TABLES:
+    ablations.selected(table, config)
+  elif config.rows:
+    raise ValueError(f"--rows={','.join(config.rows)!r}: {table} runs all its rows; --rows "
+                     f"selects rows of {', '.join(list(ablations.TABLES) + list(finetune.TABLES))}")
 
 
 def run_table(table, config: Config, show=print):

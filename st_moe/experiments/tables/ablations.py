@@ -143,10 +143,39 @@ def _delta(values, base_values):
   return None if mean is None or base is None else mean - base
 
 
+def row_label(row: Row) -> str:
+  """The row as its .md shows it (the label cells joined by " / ", e.g. "top-3 / 2 / 3"), which
+  --rows names."""
+  return " / ".join(f"{c:g}" if isinstance(c, float) else str(c)
+                    for c in (row.extra or [row.label]))
+
+
+def selected(name, config: common.Config) -> List[Row]:
+  """Table `name`'s rows, restricted to config.rows and the baseline rows they are compared with
+  (transitively) when --rows is given; a name that is not a row raises ValueError listing them."""
+  make_rows = TABLES[name][0]
+  rows = make_rows(config)
+  if not config.rows:
+    return rows
+  labels = [row_label(r) for r in rows]
+  unknown = [r for r in config.rows if r not in labels]
+  if unknown:
+    raise ValueError(f"--rows={','.join(config.rows)!r}: {unknown[0]!r} is not a row of {name}; "
+                     f"its rows: {'; '.join(labels)}")
+  by_label = {r.label: r for r in rows}
+  keep = set()
+  for row in rows:
+    if row_label(row) in config.rows:
+      while row is not None:  # the row, its baseline, the baseline's baseline...
+        keep.add(row.label)
+        row = by_label.get(row.baseline)
+  return [r for r in rows if r.label in keep]
+
+
 def table(name, config: common.Config, show=print):
   """Trains and evaluates every row's runs (shared runs once) and writes the table."""
-  make_rows, label_headers, title = TABLES[name]
-  rows = make_rows(config)
+  _, label_headers, title = TABLES[name]
+  rows = selected(name, config)
   out = jobs.join(config.out, name)
   runs, cfs = {}, {}
   for row in rows:
@@ -162,6 +191,9 @@ def table(name, config: common.Config, show=print):
     return {cf: common.evaluate(run, config, cf, show_line)["neg_log_perplexity"]
             for cf in sorted(cfs[run.name])}
 
+  common.check_evaluations([(runs[n], cf) for n in runs for cf in sorted(cfs[n])], config,
+                           hint=f"Or leave their rows out: --rows names the rows to run "
+                                f"(as in {name}.md, e.g. --rows={row_label(rows[-1])!r}).")
   quality = dict(zip(runs, jobs.run_all(list(runs.values()), prepare, config.jobs, show)))
   values = {}
   for row in rows:

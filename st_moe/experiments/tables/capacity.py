@@ -50,6 +50,8 @@ def table(config: common.Config, show=print):
         found[cf]["eval_fraction_dropped"] = _dropped(traced[cf]["layers"])
     return found
 
+  common.check_evaluations([(run, cf) for run in runs.values()
+                            for cf in config.capacity_factors_eval], config)
   evals = dict(zip(runs, jobs.run_all(list(runs.values()), prepare, config.jobs, show)))
   rows, grid = [], []
   for train_cf in config.capacity_factors_train:

@@ -59,7 +59,7 @@ class Config:
   # the fine-tuning tables (st_moe.experiments.tables.finetune)
   finetune_steps: int = 100  # fine-tuning steps of every cell
   finetune_checkpoints: int = 3  # checkpoints decoded per fine-tuning run (the peak is reported)
-  rows: Tuple[str, ...] = ()  # only these rows of a fine-tuning table (labels as in its .md)
+  rows: Tuple[str, ...] = ()  # only these rows of an ablation or fine-tuning table (as in its .md)
 
   def shape(self) -> "jobs.Shape":
     return jobs.Shape(self.batch_size, self.inputs_length, self.targets_length)
@@ -193,13 +193,39 @@ def train(run: Run, config: Config, show=print) -> Run:
   return run
 
 
+def _evaluation(config: Config, capacity_factor_eval) -> Dict:
+  """jobs.evaluate's arguments for a table's evaluation at `capacity_factor_eval`."""
+  return dict(name=f"eval_cf{capacity_factor_eval:g}", eval_steps=config.eval_steps,
+              gin_params=jobs.capacity_params(capacity_factor_eval=capacity_factor_eval))
+
+
 def evaluate(run: Run, config: Config, capacity_factor_eval, show=print) -> Dict:
   """Negative log perplexity on the validation split at the last checkpoint (cached per factor)."""
-  summary = jobs.evaluate(run.job, f"eval_cf{capacity_factor_eval:g}",
-                          eval_steps=config.eval_steps, show=show,
-                          gin_params=jobs.capacity_params(capacity_factor_eval=capacity_factor_eval))
+  summary = jobs.evaluate(run.job, **_evaluation(config, capacity_factor_eval), show=show)
   run.summary[f"eval_command_cf{capacity_factor_eval:g}"] = summary["command"]
   return summary
+
+
+def check_evaluations(items: Sequence[Tuple[Run, float]], config: Config, hint: str = ""):
+  """Raises jobs.MissingCheckpointError, before anything trains, if a finished run's evaluation at
+  one of `items`' (run, eval capacity factor) is not cached and its checkpoint cannot be read (a
+  run restored from the archive keeps its results, not its checkpoints). Without this the table
+  would train its other runs first (up to an hour each at --scale=small on 2 cores) and only then
+  stop at that one.
+  Runs not finished yet are not checked: their evaluation will use the checkpoint they write.
+  `hint`: a last line for the message (e.g. how to leave the run out)."""
+  errors = []
+  for run, cf in items:
+    done = jobs.read_json(run.job.path("train_done.json"))
+    if not done or done.get("train_steps") != config.steps:
+      continue
+    error = jobs.missing_checkpoint(run.job, **_evaluation(config, cf))
+    if error is not None:
+      errors.append(str(error))
+  if errors:
+    raise jobs.MissingCheckpointError(
+        f"{len(errors)} evaluation(s) cannot run, checked before training anything:\n"
+        + "\n".join(errors) + (f"\n{hint}" if hint else ""))
 
 
 def trace(run: Run, config: Config, factors: Sequence[float], show=print) -> Dict[float, Dict]:

@@ -143,6 +143,7 @@ def table(config: common.Config, show=print):
       return None
     return common.evaluate(run, config, common.DEFAULT_EVAL_CF, show_line)
 
+  common.check_evaluations([(run, common.DEFAULT_EVAL_CF) for run in runs.values()], config)
   evals = dict(zip(runs, jobs.run_all(list(runs.values()), prepare, config.jobs, show)))
   quality = {m: [evals[(m, s)]["neg_log_perplexity"] if evals[(m, s)] else None
                  for s in range(config.seeds)] for m in MODELS}

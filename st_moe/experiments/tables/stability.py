@@ -115,6 +115,7 @@ def table(config: common.Config, show=print):
       return None
     return common.evaluate(run, config, common.DEFAULT_EVAL_CF, show_line)["neg_log_perplexity"]
 
+  common.check_evaluations([(run, common.DEFAULT_EVAL_CF) for run in runs.values()], config)
   quality = dict(zip(runs, jobs.run_all(list(runs.values()), prepare, config.jobs, show)))
   panels, stopped = {}, []
   for (variant, seed), run in runs.items():
