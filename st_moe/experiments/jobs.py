@@ -363,15 +363,10 @@ def _evaluation(job: Job, name: str, eval_steps: int, gin_params: Sequence[str],
   return step, gin_params, key, None
 
 
-def missing_checkpoint(job: Job, name: str, *, eval_steps: int, gin_params: Sequence[str] = (),
-                       eval_gin_files: Sequence[str] = ("perplexity_eval.gin",),
-                       step=None) -> Optional[MissingCheckpointError]:
-  """The error evaluate() with the same arguments would raise before running anything: the
-  evaluation is not cached and the checkpoint it needs cannot be read. None when it is cached,
-  when its checkpoint is readable, and when the folder has no checkpoint yet (nothing to check)."""
-  step, gin_params, _, cached = _evaluation(job, name, eval_steps, gin_params, eval_gin_files,
-                                            step)
-  if cached is not None or step is None:
+def _unreadable(job: Job, name: str, gin_params: Sequence[str], step):
+  """The MissingCheckpointError of an evaluation at `step` whose checkpoint cannot be read, or None
+  (gin_params: _evaluation's, EVAL_DATA_SEED first)."""
+  if step is None:
     return None
   from st_moe.experiments import checkpoints  # pylint: disable=g-import-not-at-top
   reason = checkpoints.readable(join(job.model_dir, f"model.ckpt-{step}"))
@@ -384,6 +379,17 @@ def missing_checkpoint(job: Job, name: str, *, eval_steps: int, gin_params: Sequ
       f"checkpoints). To evaluate it, move {job.model_dir} aside and rerun the same command: "
       "it trains the run again (same seed; equivalent, not bit-identical for a sparse model: "
       "README, 'One seed, one run').")
+
+
+def missing_checkpoint(job: Job, name: str, *, eval_steps: int, gin_params: Sequence[str] = (),
+                       eval_gin_files: Sequence[str] = ("perplexity_eval.gin",),
+                       step=None) -> Optional[MissingCheckpointError]:
+  """The error evaluate() with the same arguments would raise before running anything: the
+  evaluation is not cached and the checkpoint it needs cannot be read. None when it is cached,
+  when its checkpoint is readable, and when the folder has no checkpoint yet (nothing to check)."""
+  step, gin_params, _, cached = _evaluation(job, name, eval_steps, gin_params, eval_gin_files,
+                                            step)
+  return None if cached is not None else _unreadable(job, name, gin_params, step)
 
 
 def evaluate(job: Job, name: str, *, eval_steps: int, gin_params: Sequence[str] = (),
@@ -407,14 +413,13 @@ def evaluate(job: Job, name: str, *, eval_steps: int, gin_params: Sequence[str] 
   Raises:
     MissingCheckpointError: not cached, and the checkpoint cannot be read (missing_checkpoint).
   """
-  error = missing_checkpoint(job, name, eval_steps=eval_steps, gin_params=gin_params,
-                             eval_gin_files=eval_gin_files, step=step)
-  if error is not None:
-    raise error
   step, gin_params, key, cached = _evaluation(job, name, eval_steps, gin_params, eval_gin_files,
                                               step)
   if cached is not None:
     return cached
+  error = _unreadable(job, name, gin_params, step)
+  if error is not None:
+    raise error
   path = job.path(f"{name}.json")
   show(f"[{job.name}] evaluating step {step} on {job.task}:validation ({name})")
   params = job.run_params() + ["utils.run.dataset_split = 'validation'",

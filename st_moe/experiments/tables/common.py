@@ -211,9 +211,8 @@ def check_evaluations(items: Sequence[Tuple[Run, float]], config: Config, hint: 
   one of `items`' (run, eval capacity factor) is not cached and its checkpoint cannot be read (a
   run restored from the archive keeps its results, not its checkpoints). Without this the table
   would train its other runs first (up to an hour each at --scale=small on 2 cores) and only then
-  stop at that one.
-  Runs not finished yet are not checked: their evaluation will use the checkpoint they write.
-  `hint`: a last line for the message (e.g. how to leave the run out)."""
+  stop at that one. Runs not finished yet are not checked: their evaluation will use the
+  checkpoint they write. `hint`: a last line for the message (e.g. how to leave the run out)."""
   errors = []
   for run, cf in items:
     done = jobs.read_json(run.job.path("train_done.json"))
