@@ -5,6 +5,7 @@ trained); the parameters and FLOPs it adds are checked against a hand count from
 (d_model 32, d_ff 64, 4 experts, 4 + 4 layers, 2 sparse per stack, extra dense FFN after) and
 dense_tiny.gin (d_ff 128). A GEGLU FFN holds 3 x d_model x d_ff weights and its pre-norm d_model
 scales. One table (expert_bias) is trained and written end to end in reproduce_test.py.
+RowsAndArchivedRunsTest: --rows and the check for archived runs, without training.
 """
 import dataclasses
 import os
@@ -93,7 +94,6 @@ class AblationRunsTest(absltest.TestCase):
       names = self.counts[f"{which}_seed0"][1]
       self.assertEqual(self.params(f"{which}_seed0") - base, 2 * SPARSE * EXPERTS * D_FF, which)
       self.assertTrue(any(n.endswith("/" + which) for n in names), which)
-
 
 
 def _no_training(*args, **kwargs):
