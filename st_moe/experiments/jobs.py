@@ -355,7 +355,7 @@ def _evaluation(job: Job, name: str, eval_steps: int, gin_params: Sequence[str],
   """(step, the bindings with EVAL_DATA_SEED first, cache key, cached result or None)."""
   step = runner.latest_checkpoint_step(job.model_dir) if step is None else step
   gin_params = [EVAL_DATA_SEED] + list(gin_params)
-  key = {"step": step, "eval_steps": eval_steps, "gin_params": list(gin_params),
+  key = {"step": step, "eval_steps": eval_steps, "gin_params": gin_params,
          "eval_gin_files": list(eval_gin_files)}
   cached = read_json(job.path(f"{name}.json"))
   if cached and all(cached.get(k) == v for k, v in key.items()):

@@ -193,7 +193,7 @@ def train(run: Run, config: Config, show=print) -> Run:
   return run
 
 
-def _evaluation(config: Config, capacity_factor_eval) -> Dict:
+def _evaluation_args(config: Config, capacity_factor_eval) -> Dict:
   """jobs.evaluate's arguments for a table's evaluation at `capacity_factor_eval`."""
   return dict(name=f"eval_cf{capacity_factor_eval:g}", eval_steps=config.eval_steps,
               gin_params=jobs.capacity_params(capacity_factor_eval=capacity_factor_eval))
@@ -201,7 +201,7 @@ def _evaluation(config: Config, capacity_factor_eval) -> Dict:
 
 def evaluate(run: Run, config: Config, capacity_factor_eval, show=print) -> Dict:
   """Negative log perplexity on the validation split at the last checkpoint (cached per factor)."""
-  summary = jobs.evaluate(run.job, **_evaluation(config, capacity_factor_eval), show=show)
+  summary = jobs.evaluate(run.job, **_evaluation_args(config, capacity_factor_eval), show=show)
   run.summary[f"eval_command_cf{capacity_factor_eval:g}"] = summary["command"]
   return summary
 
@@ -218,7 +218,7 @@ def check_evaluations(items: Sequence[Tuple[Run, float]], config: Config, hint: 
     done = jobs.read_json(run.job.path("train_done.json"))
     if not done or done.get("train_steps") != config.steps:
       continue
-    error = jobs.missing_checkpoint(run.job, **_evaluation(config, cf))
+    error = jobs.missing_checkpoint(run.job, **_evaluation_args(config, cf))
     if error is not None:
       errors.append(str(error))
   if errors:
