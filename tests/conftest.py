@@ -9,7 +9,11 @@ its usual order. A file missing from the list only costs balance, never a test.
 """
 
 import os
+import warnings
 
+import pytest
+
+import graph_mode
 from st_moe import cpu_startup
 
 # Every t5_mesh_transformer the tests start trains a few steps: Grappler's ~15 s per process at
@@ -35,3 +39,15 @@ def _rank(item):
 
 def pytest_collection_modifyitems(session, config, items):  # pylint: disable=unused-argument
   items.sort(key=_rank)  # stable: a file's tests, and the other files, keep their order
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):  # pylint: disable=unused-argument
+  """After every test (its module's tearDownModule included): TensorFlow's context stacks as a fresh
+  process has them, or a warning naming the test that left them otherwise (tests/graph_mode.py)."""
+  yield
+  wrong = graph_mode.restore_fresh_stacks()
+  if wrong:
+    warnings.warn(f"{item.nodeid} left TensorFlow's context stacks changed ({wrong}); restored, "
+                  "so that later SeqIO tests' traced tf.cond/while functions reach the eager "
+                  "context", RuntimeWarning)

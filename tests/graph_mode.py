@@ -9,7 +9,20 @@ test module binds
   tearDownModule = graph_mode.leave
 
 and eager execution is back when its tests are done.
+
+Between two tests, the main thread's TensorFlow context stacks must also be as a fresh process has
+them: one eager entry on the context-switch stack, no default graph entered. A graph entry left
+above the eager one (a graph context entered and never left, or left out of order) is invisible to
+eager code at the top level, but `tf.init_scope` inside a function being traced (a `dataset.map`)
+then lifts into that graph instead of the eager context, so the nested functions of every traced
+`tf.cond` or `tf.while_loop` are never registered with the eager context, and every later dataset
+that has one fails at `MakeIterator` with "Unable to find FunctionDef for cond_true_N in the
+registry" (a CI run on 2026-12-06: 21 SeqIO tests on one worker, none on the other).
+tests/conftest.py calls `restore_fresh_stacks` after every test and reports the test that left
+them otherwise.
 """
+from tensorflow.python.eager import context
+from tensorflow.python.framework import ops
 import tensorflow.compat.v1 as tf
 
 
@@ -22,3 +35,36 @@ def leave():
   # what makes the switch back to eager legal.
   tf.reset_default_graph()
   tf.enable_v2_behavior()
+
+
+def _is_eager_entry(entry):
+  return not entry.is_building_function and entry.enter_context_fn is context.eager_mode
+
+
+def _describe(entry):
+  fn = entry.enter_context_fn
+  owner = getattr(fn, "__self__", None)
+  name = getattr(owner, "name", None) or type(owner).__name__ if owner is not None else None
+  what = f"graph {name!r}" if owner is not None else getattr(fn, "__qualname__", repr(fn))
+  return what + (" (building a function)" if entry.is_building_function else "")
+
+
+def restore_fresh_stacks():
+  """Puts the main thread's context-switch and default-graph stacks back as a fresh process has
+  them (the eager entry only; no graph entered). Returns what was there beyond that, as text, or
+  "" if nothing was."""
+  switches = context.context().context_switches.stack
+  graphs = ops._default_graph_stack.stack  # pylint: disable=protected-access
+  fresh = switches[:1] if switches and _is_eager_entry(switches[0]) else []
+  wrong = []
+  if not fresh:
+    wrong.append("no eager entry at the bottom of the context-switch stack")
+  wrong += [f"context-switch entry {_describe(e)}" for e in switches[len(fresh):]]
+  wrong += [f"default graph {getattr(g, 'name', None) or type(g).__name__!r} still entered"
+            for g in graphs]
+  if wrong:
+    del switches[:]
+    context.context().context_switches.push(
+        is_building_function=False, enter_context_fn=context.eager_mode, device_stack=None)
+    del graphs[:]
+  return "; ".join(wrong)
