@@ -41,11 +41,16 @@ def _is_eager_entry(entry):
   return not entry.is_building_function and entry.enter_context_fn is context.eager_mode
 
 
+def _graph_name(graph):
+  return getattr(graph, "name", None) or type(graph).__name__  # a FuncGraph has a name
+
+
 def _describe(entry):
-  fn = entry.enter_context_fn
-  owner = getattr(fn, "__self__", None)
-  name = getattr(owner, "name", None) or type(owner).__name__ if owner is not None else None
-  what = f"graph {name!r}" if owner is not None else getattr(fn, "__qualname__", repr(fn))
+  """A context-switch entry as text: the graph whose as_default it enters, or the function."""
+  enter = entry.enter_context_fn
+  graph = getattr(enter, "__self__", None)
+  what = (f"graph {_graph_name(graph)!r}" if graph is not None
+          else getattr(enter, "__qualname__", repr(enter)))
   return what + (" (building a function)" if entry.is_building_function else "")
 
 
@@ -60,8 +65,7 @@ def restore_fresh_stacks():
   if not fresh:
     wrong.append("no eager entry at the bottom of the context-switch stack")
   wrong += [f"context-switch entry {_describe(e)}" for e in switches[len(fresh):]]
-  wrong += [f"default graph {getattr(g, 'name', None) or type(g).__name__!r} still entered"
-            for g in graphs]
+  wrong += [f"default graph {_graph_name(g)!r} still entered" for g in graphs]
   if wrong:
     del switches[:]
     context.context().context_switches.push(
