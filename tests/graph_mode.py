@@ -17,7 +17,10 @@ eager code at the top level, but `tf.init_scope` inside a function being traced 
 then lifts into that graph instead of the eager context, so the nested functions of every traced
 `tf.cond` or `tf.while_loop` are never registered with the eager context, and every later dataset
 that has one fails at `MakeIterator` with "Unable to find FunctionDef for cond_true_N in the
-registry" (a CI run on 2026-12-06: 21 SeqIO tests on one worker, none on the other).
+registry" (a CI run on 2026-12-06: 21 SeqIO tests on one worker, none on the other). The same
+follows when the eager entry is gone, which a generator suspended inside `with graph.as_default()`
+on another thread does when it is closed on this one: it pops this thread's top entry
+(tests/graph_mode_test.py shows both).
 tests/conftest.py calls `restore_fresh_stacks` after every test and reports the test that left
 them otherwise.
 """

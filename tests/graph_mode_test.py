@@ -1,5 +1,8 @@
 """tests/graph_mode.py's repair of TensorFlow's context stacks, which tests/conftest.py runs after
 every test: the state it repairs breaks eager SeqIO pipelines (shown here), and after it they work."""
+import gc
+import threading
+
 from absl.testing import absltest
 import tensorflow as tf
 from tensorflow.python.eager import context
@@ -40,6 +43,34 @@ class RestoreFreshStacksTest(absltest.TestCase):
 
   def test_a_missing_eager_entry_is_put_back(self):
     context.context().context_switches.pop()
+    self.assertEqual(graph_mode.restore_fresh_stacks(),
+                     "no eager entry at the bottom of the context-switch stack")
+    self.assertEqual(cond_dataset_values(), [1, 2, 20])
+
+  def test_a_generator_left_in_a_graph_on_another_thread_and_closed_here(self):
+    # One way to the state of the failed CI run: a generator that yields inside
+    # `with graph.as_default()` (as tfds.as_numpy's graph-mode iterator does), started on another
+    # thread and closed on this one, pops this thread's eager entry on its way out.
+    def inside_a_graph():
+      with tf.Graph().as_default():
+        yield 1
+        yield 2
+
+    started = {}
+
+    def start():
+      started["generator"] = inside_a_graph()
+      next(started["generator"])
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    thread.join()
+    del started["generator"]
+    gc.collect()
+    self.assertEmpty(context.context().context_switches.stack)
+    self.assertTrue(tf.executing_eagerly())
+    with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "Unable to find FunctionDef"):
+      cond_dataset_values()
     self.assertEqual(graph_mode.restore_fresh_stacks(),
                      "no eager entry at the bottom of the context-switch stack")
     self.assertEqual(cond_dataset_values(), [1, 2, 20])
