@@ -120,8 +120,9 @@ class DemoTest(absltest.TestCase):
     cls.out = os.path.join(cls.tmp.name, "whole")
     # The kill races the 6 steps after the first checkpoint (about a second and a half here): on a
     # loaded machine it can land after st_moe_tiny's last step, and the rerun then has nothing to
-    # resume (seen once, 2026-12-06, with other work running beside `make test`). That tests nothing, so it is retried in a
-    # clean folder, up to KILL_ATTEMPTS kills in all; survivors are checked after every kill.
+    # resume (seen once, 2026-12-06, with other work running beside `make test`). That tests
+    # nothing, so it is retried in a clean folder, up to KILL_ATTEMPTS kills in all; survivors are
+    # checked after every kill.
     cls.survivors, cls.kill_attempts = [], 0
     while True:
       survivors, cls.killed_log = kill_after_first_checkpoint(cls.out, finetune=True)
