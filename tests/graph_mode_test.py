@@ -1,5 +1,5 @@
 """tests/graph_mode.py's repair of TensorFlow's context stacks, which tests/conftest.py runs after
-every test: the state it repairs breaks eager SeqIO pipelines (shown here), and after it they work."""
+every test: the state it repairs breaks eager SeqIO pipelines (shown here); after it, they work."""
 import gc
 import threading
 
