@@ -63,11 +63,9 @@ def restore_fresh_stacks():
   "" if nothing was."""
   switches = context.context().context_switches.stack
   graphs = ops._default_graph_stack.stack  # pylint: disable=protected-access
-  fresh = switches[:1] if switches and _is_eager_entry(switches[0]) else []
-  wrong = []
-  if not fresh:
-    wrong.append("no eager entry at the bottom of the context-switch stack")
-  wrong += [f"context-switch entry {_describe(e)}" for e in switches[len(fresh):]]
+  eager_at_bottom = bool(switches) and _is_eager_entry(switches[0])
+  wrong = [] if eager_at_bottom else ["no eager entry at the bottom of the context-switch stack"]
+  wrong += [f"context-switch entry {_describe(e)}" for e in switches[int(eager_at_bottom):]]
   wrong += [f"default graph {_graph_name(g)!r} still entered" for g in graphs]
   if wrong:
     del switches[:]
